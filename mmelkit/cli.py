@@ -1,0 +1,228 @@
+"""The ``mmelkit`` command line.
+
+Each command is a function that adds its subparser (``_add_<command>``) and a handler that
+takes the parsed arguments and returns an exit code; :data:`COMMANDS` lists the former in the
+order ``mmelkit --help`` shows them. A new command (``train``, ``bench``...) is one more
+``_add_...`` function and one more entry there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmelkit.course import DEFAULT_CELL_TIMEOUT, CourseConfigError, CourseError
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # something ran and failed (a notebook, ...)
+EXIT_USAGE = 2  # bad arguments or configuration; nothing ran (argparse uses 2 as well)
+
+Subparsers = Any  # argparse's _SubParsersAction, which has no public name
+
+
+# -- mmelkit models ------------------------------------------------------------------------------
+def _add_models(commands: Subparsers) -> None:
+    parser = commands.add_parser(
+        "models",
+        help="list the model zoo: short names load_model() resolves without a download",
+        description="List the short model names mmelkit.load_model() understands without any download.",
+    )
+    parser.set_defaults(handler=_models)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from mmelkit.models import list_zoo
+
+    zoo = list_zoo()
+    width = max(map(len, zoo), default=0)
+    for name, description in zoo.items():
+        print(f"{name:<{width}}  {description}")
+    return EXIT_OK
+
+
+# -- mmelkit course ------------------------------------------------------------------------------
+def _add_course(commands: Subparsers) -> None:
+    parser = commands.add_parser(
+        "course",
+        help="run the course notebooks or list them with their parameters",
+        description="The course: the notebooks in notebooks/ named NN_*.ipynb, run in order with "
+        "parameters from a profile in notebooks/profiles.yaml.",
+    )
+    parser.set_defaults(handler=_usage(parser))
+    actions = parser.add_subparsers(title="actions", metavar="ACTION")
+
+    run = actions.add_parser(
+        "run",
+        help="execute the notebooks with papermill, writing executed copies and HTML",
+        description="Execute the course notebooks under a parameter profile. Executed notebooks go to "
+        "OUT/notebooks/, HTML to OUT/html/. Stops at the first notebook that fails.",
+    )
+    run.add_argument(
+        "--profile",
+        default="auto",
+        metavar="NAME",
+        help="parameter profile from profiles.yaml: cpu, gpu, ... or auto (gpu when CUDA is available, "
+        "else cpu; default)",
+    )
+    run.add_argument("--out", default="build", metavar="DIR", help="output folder (default: build)")
+    run.add_argument(
+        "--only",
+        nargs="+",
+        action="extend",
+        metavar="NAME",
+        help="run only these notebooks (file stems like 00_tour, or file names)",
+    )
+    run.add_argument("--no-html", dest="html", action="store_false", help="skip the HTML export")
+    run.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=DEFAULT_CELL_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds one cell may run before the run fails; 0 means no limit (default: %(default)g)",
+    )
+    run.add_argument("--kernel", metavar="NAME", help="Jupyter kernel to use (default: this Python)")
+    run.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    _add_notebooks_option(run)
+    run.set_defaults(handler=_course_run)
+
+    listing = actions.add_parser(
+        "list",
+        help="show the notebooks, their parameters and what each profile sets",
+        description="List the course notebooks with their documented parameters and the values each "
+        "profile in profiles.yaml gives them.",
+    )
+    _add_notebooks_option(listing)
+    listing.set_defaults(handler=_course_list)
+
+
+def _add_notebooks_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--notebooks",
+        metavar="DIR",
+        default=None,
+        help="another notebooks folder (default: the course's own)",
+    )
+
+
+def _timeout(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("the timeout must not be negative")
+    return value or None
+
+
+def _course_run(args: argparse.Namespace) -> int:
+    from mmelkit.course import run_course
+
+    results = run_course(
+        profile=args.profile,
+        out_dir=args.out,
+        notebooks=args.only,
+        html=args.html,
+        kernel_name=args.kernel,
+        progress=not args.quiet,
+        timeout=args.timeout,
+        notebooks_path=args.notebooks,
+    )
+    total = sum(r.seconds for r in results)
+    print(f"{len(results)} notebook(s) ran under profile {results[0].profile!r} in {total:.1f} s:")
+    for result in results:
+        print(f"  {result.name:<30} {result.seconds:6.1f} s  {result.path}")
+        if result.html is not None:
+            print(f"  {'':<30} {'':>8}  {result.html}")
+    return EXIT_OK
+
+
+def _course_list(args: argparse.Namespace) -> int:
+    from mmelkit.course import course_notebooks, describe_parameters, load_profiles, resolve_profile
+
+    notebooks = course_notebooks(args.notebooks)
+    profiles = load_profiles(args.notebooks)
+    auto = resolve_profile("auto")
+    names = ", ".join(profiles) or "none"
+    print(f"profiles: {names} ('auto' means {auto} on this machine)")
+    if not notebooks:
+        print("no course notebooks (NN_*.ipynb)")
+        return EXIT_OK
+    for path in notebooks:
+        title = _title(path)
+        print()
+        print(f"{path.name}" + (f": {title}" if title else ""))
+        parameters = describe_parameters(path)
+        if not parameters:
+            print("    (no parameters)")
+            continue
+        rows = [["parameter", "default", *profiles, "description"]]
+        for p in parameters:
+            settings = [profiles[name].get(path.stem, {}) for name in profiles]
+            values = [repr(s[p.name]) if p.name in s else "" for s in settings]
+            rows.append([p.name, repr(p.default) if p.literal else p.source, *values, p.help])
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+            print("    " + "  ".join([*cells, row[-1]]).rstrip())
+    return EXIT_OK
+
+
+def _title(path: Path) -> str:
+    """The first markdown heading of a notebook, without the #s."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type != "markdown":
+            continue
+        for line in cell.source.splitlines():
+            if line.startswith("#"):
+                return line.lstrip("#").strip()
+    return ""
+
+
+# -- plumbing ------------------------------------------------------------------------------------
+COMMANDS: list[Callable[[Subparsers], None]] = [_add_course, _add_models]
+
+
+def _usage(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    def show(args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+
+    return show
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mmelkit import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mmelkit",
+        description="mmelkit: a workbench for explainable multimodal (CLIP-style) models.",
+    )
+    parser.add_argument("--version", action="version", version=f"mmelkit {__version__}")
+    parser.set_defaults(handler=_usage(parser))
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in COMMANDS:
+        add(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``mmelkit`` command line; return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except CourseError as error:
+        print(f"mmelkit: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except CourseConfigError as error:
+        print(f"mmelkit: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mmelkit: interrupted", file=sys.stderr)
+        return 130
