@@ -184,8 +184,104 @@ def _title(path: Path) -> str:
     return ""
 
 
+# -- mmelkit train clip / mmelkit eval clip --------------------------------------------------------
+def _add_train(commands: Subparsers) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="train models: the embedded scene-world CLIP",
+        description="Training commands. `train clip` trains (or resumes) the embedded scene-world CLIP.",
+    )
+    parser.set_defaults(handler=_usage(parser))
+    what = parser.add_subparsers(title="what", metavar="WHAT")
+    clip = what.add_parser(
+        "clip",
+        help="contrastive training of the scene-world CLIP (resumable)",
+        description="Train the embedded CLIP on the scene world. Checkpoints go to OUT/last.pt every "
+        "--checkpoint-every steps; running again with the same OUT resumes. --export writes the "
+        "result, its measured quality and a model card to data/models/ (what load_model('scene-clip') reads).",
+    )
+    from mmelkit.training.clip_trainer import ClipTrainConfig
+
+    defaults = ClipTrainConfig()
+    clip.add_argument("--out", default="build/train/scene-clip", metavar="DIR", help="run folder (default: %(default)s)")
+    clip.add_argument("--steps", type=int, default=defaults.steps, help="total optimiser steps (default: %(default)s)")
+    clip.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
+    clip.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default: %(default)s)")
+    clip.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="(default: %(default)s)")
+    clip.add_argument("--seed", type=int, default=defaults.init_seed, help="initialisation seed (default: %(default)s)")
+    clip.add_argument("--data-seed", type=int, default=defaults.data_seed, help="scene stream seed (default: %(default)s)")
+    clip.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="(default: %(default)s)")
+    clip.add_argument("--workers", type=int, default=defaults.workers, help="data loader processes (default: %(default)s)")
+    clip.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
+    clip.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    clip.add_argument("--export", action="store_true", help="evaluate and export to data/models/ when done")
+    clip.add_argument("--quiet", action="store_true", help="no progress bar")
+    clip.set_defaults(handler=_train_clip)
+
+
+def _train_clip(args: argparse.Namespace) -> int:
+    from mmelkit.training.clip_trainer import ClipTrainConfig, train_clip
+
+    config = ClipTrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        init_seed=args.seed,
+        data_seed=args.data_seed,
+        checkpoint_every=args.checkpoint_every,
+        workers=args.workers,
+    )
+    max_seconds = args.max_minutes * 60 if args.max_minutes is not None else None
+    checkpoint = train_clip(config, args.out, device=args.device, progress=not args.quiet, max_seconds=max_seconds)
+    print(f"checkpoint: {checkpoint}")
+    if args.export:
+        return _export_clip(checkpoint, args.device)
+    return EXIT_OK
+
+
+def _export_clip(checkpoint: Path, device: str) -> int:
+    import mmelkit
+    from mmelkit.training.clip_eval import evaluate_scene_clip
+    from mmelkit.training.export import MODELS_DIR, export_clip
+
+    # Weights first, so that the evaluation measures exactly what ships (fp16) through the zoo.
+    export_clip(checkpoint, out_dir=MODELS_DIR)
+    quality = evaluate_scene_clip(mmelkit.load_model("scene-clip", device=device))
+    path = export_clip(checkpoint, out_dir=MODELS_DIR, quality=quality.as_dict())
+    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB)\n{quality}")
+    return EXIT_OK
+
+
+def _add_eval(commands: Subparsers) -> None:
+    parser = commands.add_parser(
+        "eval",
+        help="measure a model: the scene-world CLIP's quality on held-out scenes",
+        description="Evaluation commands. `eval clip` reports zero-shot naming, retrieval Recall@1 and "
+        "relation-vs-swapped accuracy on held-out scenes (the figures of the model card).",
+    )
+    parser.set_defaults(handler=_usage(parser))
+    what = parser.add_subparsers(title="what", metavar="WHAT")
+    clip = what.add_parser("clip", help="quality of a CLIP on held-out scene-world scenes")
+    clip.add_argument("--model", default="scene-clip", help="any load_model spec (default: %(default)s)")
+    clip.add_argument("--device", default="auto")
+    clip.add_argument("--json", action="store_true", help="print the figures as JSON")
+    clip.set_defaults(handler=_eval_clip)
+
+
+def _eval_clip(args: argparse.Namespace) -> int:
+    import json
+
+    import mmelkit
+    from mmelkit.training.clip_eval import evaluate_scene_clip
+
+    quality = evaluate_scene_clip(mmelkit.load_model(args.model, device=args.device))
+    print(json.dumps(quality.as_dict(), indent=2) if args.json else quality)
+    return EXIT_OK
+
+
 # -- plumbing ------------------------------------------------------------------------------------
-COMMANDS: list[Callable[[Subparsers], None]] = [_add_course, _add_models]
+COMMANDS: list[Callable[[Subparsers], None]] = [_add_course, _add_models, _add_train, _add_eval]
 
 
 def _usage(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable
@@ -27,6 +28,34 @@ class ZooEntry:
     build: Callable[[], tuple[nn.Module, str | None]]  # -> (open_clip model, tokenizer name)
 
 
+DATA_DIR = Path(os.environ.get("MMELKIT_DATA", Path(__file__).resolve().parents[2] / "data"))
+
+
+def _shipped(name: str) -> Callable[[], tuple[nn.Module, str | None]]:
+    """Builder for a checkpoint shipped in data/models: <name>.json (config) + <name>.safetensors."""
+
+    def build() -> tuple[nn.Module, str | None]:
+        from safetensors.torch import load_file
+
+        from mmelkit.models.open_clip_backend import open_clip
+
+        meta_path = DATA_DIR / "models" / f"{name}.json"
+        weights_path = meta_path.with_suffix(".safetensors")
+        if not weights_path.is_file() or not meta_path.is_file():
+            raise FileNotFoundError(
+                f"the shipped model {name!r} is missing ({weights_path}); train and export it with "
+                f"`mmelkit train clip` or set MMELKIT_DATA to the folder holding models/{name}.*"
+            )
+        config = json.loads(meta_path.read_text())["model_config"]
+        with torch.random.fork_rng(devices=[]):
+            model = open_clip.CLIP(**config)
+        state = {k: v.float() for k, v in load_file(str(weights_path)).items()}
+        model.load_state_dict(state)
+        return model, None
+
+    return build
+
+
 def _toy_random() -> tuple[nn.Module, str | None]:
     from mmelkit.models.open_clip_backend import open_clip
 
@@ -46,6 +75,11 @@ TOY_CONFIG: dict[str, Any] = {
 }
 
 ZOO: dict[str, ZooEntry] = {
+    "scene-clip": ZooEntry(
+        "scene-clip",
+        "The embedded CLIP trained by mmelkit on the synthetic scene world (64 px, patch 8). See data/models/scene-clip.md.",
+        _shipped("scene-clip"),
+    ),
     "toy-random": ZooEntry(
         "toy-random",
         "Random-init open_clip ViT (64 px, patch 8, 4 image and 3 text blocks). For plumbing and demos only.",

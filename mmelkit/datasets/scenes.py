@@ -1,0 +1,433 @@
+"""The scene world: synthetic images of coloured shapes with exact ground truth.
+
+Every scene is a pure function of ``(config, seed, index)``: ``SceneWorld(config, seed)[i]`` draws
+scene ``i`` from its own random stream, so any scene can be regenerated alone, in any order, in
+any DataLoader worker. Each scene carries the image, every object's visible instance mask, box and
+attributes, and captions from several templates, each with the objects (and so the mask) it
+refers to. That ground truth is the point: with it, a student or a test can check whether an
+explanation points at the right thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------------------
+# Vocabulary
+# --------------------------------------------------------------------------------------------------
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 215, 40),
+    "purple": (140, 60, 200),
+    "orange": (250, 135, 25),
+    "pink": (250, 125, 195),
+    "cyan": (40, 215, 225),
+}
+
+Mask = np.ndarray  # (h, w) bool
+
+
+def _circle(u: np.ndarray, v: np.ndarray) -> Mask:
+    return u * u + v * v <= 1.0
+
+
+def _square(u: np.ndarray, v: np.ndarray) -> Mask:
+    return (np.abs(u) <= 0.85) & (np.abs(v) <= 0.85)
+
+
+def _triangle(u: np.ndarray, v: np.ndarray) -> Mask:
+    # apex up (image rows grow downwards), base at v = 0.85
+    return (v <= 0.85) & (np.abs(u) <= (v + 0.95) * 0.55)
+
+
+def _diamond(u: np.ndarray, v: np.ndarray) -> Mask:
+    return np.abs(u) + np.abs(v) <= 1.0
+
+
+def _cross(u: np.ndarray, v: np.ndarray) -> Mask:
+    au, av = np.abs(u), np.abs(v)
+    return ((au <= 0.32) & (av <= 0.95)) | ((av <= 0.32) & (au <= 0.95))
+
+
+def _star(u: np.ndarray, v: np.ndarray) -> Mask:
+    radius = np.sqrt(u * u + v * v)
+    angle = np.arctan2(v, u) + np.pi / 2  # one point straight up
+    return radius <= 0.42 + 0.58 * np.abs(np.cos(2.5 * angle)) ** 3
+
+
+def _ring(u: np.ndarray, v: np.ndarray) -> Mask:
+    r2 = u * u + v * v
+    return (r2 <= 1.0) & (r2 >= 0.36)
+
+
+def _hexagon(u: np.ndarray, v: np.ndarray) -> Mask:
+    au, av = np.abs(u), np.abs(v)
+    return (av <= 0.87) & (au * 0.87 + av * 0.5 <= 0.87)
+
+
+SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], Mask]] = {
+    "circle": _circle,
+    "square": _square,
+    "triangle": _triangle,
+    "diamond": _diamond,
+    "cross": _cross,
+    "star": _star,
+    "ring": _ring,
+    "hexagon": _hexagon,
+}
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+                "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen")
+
+CaptionKind = Literal["object", "attribute", "pair", "relation", "count"]
+CAPTION_KINDS: tuple[CaptionKind, ...] = ("object", "attribute", "pair", "relation", "count")
+Background = Literal["noise", "texture", "plain"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and records
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    """Everything that shapes the distribution of scenes. Sizes are in pixels at ``image_size``."""
+
+    image_size: int = 64
+    min_objects: int = 1
+    max_objects: int = 4
+    shapes: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "star")
+    colours: tuple[str, ...] = tuple(COLOURS)
+    sizes: tuple[tuple[str, int], ...] = (("small", 12), ("large", 20))
+    size_jitter: int = 1
+    max_overlap: float = 0.1  # largest share of an object's area another object may cover
+    backgrounds: tuple[Background, ...] = ("noise", "texture")
+    clutter: int = 0  # distractor strokes per scene (unnamed, never referred to)
+    unique_objects: bool = True  # no two objects share colour and shape (captions then name one object)
+    colour_jitter: int = 12  # per-object brightness variation
+    relation_margin: float = 0.15  # centres must differ by this share of the image to state a relation
+    placement_tries: int = 60
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_objects <= self.max_objects <= 16:
+            raise ValueError("need 1 <= min_objects <= max_objects <= 16")
+        unknown = [s for s in self.shapes if s not in SHAPES] + [c for c in self.colours if c not in COLOURS]
+        if unknown:
+            raise ValueError(f"unknown shapes/colours {unknown}; known: {list(SHAPES)}, {list(COLOURS)}")
+        if self.unique_objects and self.max_objects > len(self.shapes) * len(self.colours):
+            raise ValueError("max_objects exceeds the number of distinct colour-shape pairs")
+        if self.image_size < 16:
+            raise ValueError("image_size must be at least 16")
+        if not 0.0 <= self.max_overlap <= 1.0:
+            raise ValueError("max_overlap must lie in [0, 1]")
+
+    def scaled(self, image_size: int) -> SceneConfig:
+        """The same world at another resolution (object sizes scale with the image)."""
+        factor = image_size / self.image_size
+        sizes = tuple((name, max(4, round(px * factor))) for name, px in self.sizes)
+        return replace(self, image_size=image_size, sizes=sizes)
+
+
+class SceneObject(NamedTuple):
+    shape: str
+    colour: str
+    size: str
+    center: tuple[float, float]  # (x, y) in pixels
+    diameter: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+class Caption(NamedTuple):
+    text: str
+    kind: CaptionKind
+    objects: tuple[int, ...]  # indices into Scene.objects that the caption refers to
+
+
+@dataclass
+class Scene:
+    """One annotated image: a scene-world scene, a real photo or a COCO image.
+
+    ``masks[k]`` is the visible part of object ``k`` (for photos annotated with boxes only, the
+    box); ``boxes[k]`` its box ``(x1, y1, x2, y2)``, exclusive at the far end (index
+    ``[y1:y2, x1:x2]``). ``objects`` holds :class:`SceneObject` records for the scene world and
+    source-specific records elsewhere. Every caption lists the objects it refers to.
+    """
+
+    index: int
+    image: np.ndarray  # (H, W, 3) uint8
+    objects: Sequence[Any]
+    masks: np.ndarray  # (K, H, W) bool
+    boxes: np.ndarray  # (K, 4) int
+    captions: list[Caption]
+    background: str
+    background_tint: tuple[int, int, int] = (0, 0, 0)
+    extras: dict[str, object] = field(default_factory=dict)
+
+    def mask_of(self, objects: Sequence[int] | Caption) -> np.ndarray:
+        """Union of the visible masks of the given objects (or of a caption's referents)."""
+        indices = objects.objects if isinstance(objects, Caption) else tuple(objects)
+        if not indices:
+            return np.zeros(self.image.shape[:2], bool)
+        return self.masks[list(indices)].any(axis=0)
+
+    def captions_of(self, kind: CaptionKind) -> list[Caption]:
+        return [c for c in self.captions if c.kind == kind]
+
+
+# --------------------------------------------------------------------------------------------------
+# The generator
+# --------------------------------------------------------------------------------------------------
+
+
+class SceneWorld:
+    """A deterministic, random-access collection of scenes: ``world[i]`` is always the same scene.
+
+    ``length`` only bounds iteration and ``len()``; any non-negative index can be drawn.
+    """
+
+    def __init__(self, config: SceneConfig | None = None, seed: int = 0, length: int = 10_000) -> None:
+        self.config = config or SceneConfig()
+        self.seed = int(seed)
+        self.length = int(length)
+        size = self.config.image_size
+        rows, cols = np.mgrid[0:size, 0:size]
+        self._rows, self._cols = rows.astype(np.float32) + 0.5, cols.astype(np.float32) + 0.5
+        self._textures = _texture_bank(size, np.random.default_rng([self.seed, 2**31 - 1]))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[Scene]:
+        return (self[i] for i in range(self.length))
+
+    def __getitem__(self, index: int) -> Scene:
+        if index < 0:
+            raise IndexError("scene indices are non-negative")
+        rng = np.random.default_rng([self.seed, int(index)])
+        return self.draw(index, rng)
+
+    # -- drawing ---------------------------------------------------------------------------------
+    def draw(
+        self,
+        index: int,
+        rng: np.random.Generator,
+        objects: list[tuple[str, str, tuple[str, int]]] | None = None,
+        tint: tuple[int, int, int] | None = None,
+    ) -> Scene:
+        """Draw one scene from ``rng``. ``objects`` ((shape, colour, (size name, diameter)), in
+        painting order) and the background ``tint`` replace the random choices when given: derived
+        tasks (``mmelkit.datasets.shortcut``) control them."""
+        cfg = self.config
+        size = cfg.image_size
+        if objects is None:
+            objects = self._choose_objects(int(rng.integers(cfg.min_objects, cfg.max_objects + 1)), rng)
+        image, kind, tint = self._background(rng, tint)
+        self._add_clutter(image, rng)
+        placed: list[SceneObject] = []
+        stamps: list[tuple[tuple[slice, slice], np.ndarray, int]] = []  # (box, local mask, area)
+        occupied = np.full((size, size), -1, np.int16)  # index of the object on top at each pixel
+        for shape, colour, (size_name, diameter) in objects:
+            placement = self._place(shape, diameter, occupied, stamps, rng)
+            if placement is None:
+                continue  # crowded scene: fewer objects than asked rather than heavy overlap
+            center, box, local = placement
+            shade = int(rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1))
+            image[box][local] = tuple(min(255, max(0, c + shade)) for c in COLOURS[colour])
+            occupied[box][local] = len(placed)
+            stamps.append((box, local, int(local.sum())))
+            placed.append(SceneObject(shape, colour, size_name, center, diameter))
+        # Visible masks: an object is what remains on top in the occupancy map.
+        masks = occupied[None] == np.arange(len(placed), dtype=np.int16)[:, None, None]
+        boxes = np.array(
+            [_box(masks[k][box], box) for k, (box, _, _) in enumerate(stamps)], dtype=np.int64
+        ).reshape(-1, 4)
+        scene = Scene(index, image, placed, masks, boxes, [], kind, tint)
+        scene.captions = make_captions(scene, cfg)
+        return scene
+
+    def _choose_objects(self, count: int, rng: np.random.Generator) -> list[tuple[str, str, tuple[str, int]]]:
+        cfg = self.config
+        num_pairs = len(cfg.shapes) * len(cfg.colours)
+        if cfg.unique_objects:
+            codes = rng.permutation(num_pairs)[:count]
+        else:
+            codes = rng.integers(0, num_pairs, size=count)
+        sizes = rng.integers(0, len(cfg.sizes), size=count)
+        jitter = rng.integers(-cfg.size_jitter, cfg.size_jitter + 1, size=count)
+        chosen = []
+        for code, size_index, j in zip(codes.tolist(), sizes.tolist(), jitter.tolist(), strict=True):
+            name, px = cfg.sizes[size_index]
+            chosen.append((cfg.shapes[code // len(cfg.colours)], cfg.colours[code % len(cfg.colours)], (name, px + j)))
+        return chosen
+
+    def _place(
+        self,
+        shape: str,
+        diameter: int,
+        occupied: np.ndarray,
+        stamps: list[tuple[tuple[slice, slice], np.ndarray, int]],
+        rng: np.random.Generator,
+    ) -> tuple[tuple[float, float], tuple[slice, slice], np.ndarray] | None:
+        cfg = self.config
+        radius = diameter / 2
+        low, high = radius, cfg.image_size - radius
+        centres = rng.uniform(low, high, size=(cfg.placement_tries, 2))
+        for cx, cy in centres.tolist():
+            box, local = self._shape_mask(shape, cx, cy, radius)
+            area = int(local.sum())
+            if area == 0:
+                continue
+            covered = occupied[box][local]
+            covered = covered[covered >= 0]
+            if covered.size:
+                shared = np.bincount(covered).tolist()
+                # neither the new object nor an earlier one may lose more than max_overlap of itself
+                if any(n > cfg.max_overlap * min(area, stamps[k][2]) for k, n in enumerate(shared)):
+                    continue
+            return (cx, cy), box, local
+        return None
+
+    def _shape_mask(self, shape: str, cx: float, cy: float, radius: float) -> tuple[tuple[slice, slice], np.ndarray]:
+        size = self.config.image_size
+        top, bottom = max(0, int(cy - radius) - 1), min(size, int(cy + radius) + 2)
+        left, right = max(0, int(cx - radius) - 1), min(size, int(cx + radius) + 2)
+        u = (self._cols[top:bottom, left:right] - cx) / radius
+        v = (self._rows[top:bottom, left:right] - cy) / radius
+        return (slice(top, bottom), slice(left, right)), SHAPES[shape](u, v)
+
+    def _background(
+        self, rng: np.random.Generator, tint: tuple[int, int, int] | None = None
+    ) -> tuple[np.ndarray, str, tuple[int, int, int]]:
+        cfg = self.config
+        kind = cfg.backgrounds[int(rng.integers(0, len(cfg.backgrounds)))]
+        draws = rng.integers(0, 1 << 30, size=5).tolist()
+        base = 95 + draws[0] % 56
+        if tint is None:
+            tint = tuple(d % 25 - 12 for d in draws[1:4])
+        elif max(abs(t) for t in tint) > 30:
+            raise ValueError(f"background tint {tint} must stay within +-30 per channel")
+        bank = self._textures[kind]
+        texture = bank[draws[4] % len(bank)]
+        # textures are bounded to +-60, base + tint to [65, 180]: the sum stays in 0..255
+        image = (texture + np.array([base + t for t in tint], np.int16)).astype(np.uint8)
+        return image, kind, tint  # type: ignore[return-value]
+
+    def _add_clutter(self, image: np.ndarray, rng: np.random.Generator) -> None:
+        """Thin grey strokes: visual distractors that no caption names."""
+        size = self.config.image_size
+        for _ in range(self.config.clutter):
+            x0, y0, x1, y1 = rng.uniform(0, size, size=4)
+            steps = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+            xs = np.linspace(x0, x1, steps).astype(int).clip(0, size - 1)
+            ys = np.linspace(y0, y1, steps).astype(int).clip(0, size - 1)
+            grey = int(rng.integers(60, 200))
+            image[ys, xs] = grey
+
+
+def _texture_bank(size: int, rng: np.random.Generator, count: int = 16) -> dict[str, np.ndarray]:
+    """Zero-mean background patterns (int16), drawn once per world and reused with random shifts."""
+    noise = rng.normal(0, 14, size=(count, size, size, 3)).astype(np.int16)
+    rows, cols = np.mgrid[0:size, 0:size]
+    textures = []
+    for _ in range(count):
+        period = rng.uniform(5, 14)
+        angle = rng.uniform(0, np.pi)
+        wave = np.sin((cols * np.cos(angle) + rows * np.sin(angle)) * 2 * np.pi / period)
+        pattern = 18 * wave[..., None] + rng.normal(0, 5, size=(size, size, 3))
+        textures.append(pattern.astype(np.int16))
+    bank = {"noise": noise, "texture": np.stack(textures), "plain": np.zeros((1, size, size, 3), np.int16)}
+    # 8 orientations of each pattern (flips and a transpose): variety without seams
+    bank = {
+        kind: np.concatenate([np.ascontiguousarray(o) for o in _orientations(t)]).clip(-60, 60)
+        for kind, t in bank.items()
+    }
+    return bank
+
+
+def _orientations(t: np.ndarray) -> list[np.ndarray]:
+    flips = [t, t[:, ::-1], t[:, :, ::-1], t[:, ::-1, ::-1]]
+    return flips + [f.transpose(0, 2, 1, 3) for f in flips]
+
+
+def _box(local: np.ndarray, box: tuple[slice, slice]) -> tuple[int, int, int, int]:
+    """Box (x1, y1, x2, y2) of the True pixels of ``local``, a crop of the image at ``box``."""
+    rows = np.flatnonzero(local.any(axis=1))
+    cols = np.flatnonzero(local.any(axis=0))
+    if len(rows) == 0:  # fully hidden; cannot happen while max_overlap < 1
+        return (0, 0, 0, 0)
+    top, left = box[0].start, box[1].start
+    return (left + int(cols[0]), top + int(rows[0]), left + int(cols[-1]) + 1, top + int(rows[-1]) + 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Captions
+# --------------------------------------------------------------------------------------------------
+
+
+def relation(a: SceneObject, b: SceneObject, margin_px: float) -> str | None:
+    """The spatial relation of ``a`` to ``b`` ("left of", "right of", "above", "below"), or None
+    when their centres are too close to say."""
+    dx = b.center[0] - a.center[0]
+    dy = b.center[1] - a.center[1]
+    if abs(dx) >= abs(dy):
+        if abs(dx) < margin_px:
+            return None
+        return "left of" if dx > 0 else "right of"
+    if abs(dy) < margin_px:
+        return None
+    return "above" if dy > 0 else "below"
+
+
+def make_captions(scene: Scene, config: SceneConfig) -> list[Caption]:
+    """Captions of every template, each with the objects it refers to.
+
+    * object: "a red circle" (one per object);
+    * attribute: "a small red circle";
+    * pair: "a red circle and a blue square" (every unordered pair);
+    * relation: "a red circle left of a blue square" (pairs whose relation is clear);
+    * count: "three objects", and "two circles" where a shape occurs more than once.
+    With ``unique_objects`` every object caption names exactly one object.
+    """
+    objs = scene.objects
+    captions: list[Caption] = []
+    for k, o in enumerate(objs):
+        captions.append(Caption(f"a {o.colour} {o.shape}", "object", (k,)))
+        captions.append(Caption(f"a {o.size} {o.colour} {o.shape}", "attribute", (k,)))
+    for i in range(len(objs)):
+        for j in range(i + 1, len(objs)):
+            a, b = objs[i], objs[j]
+            captions.append(Caption(f"a {a.name} and a {b.name}", "pair", (i, j)))
+            said = relation(a, b, config.relation_margin * config.image_size)
+            if said is not None:
+                captions.append(Caption(f"a {a.name} {said} a {b.name}", "relation", (i, j)))
+    if objs:
+        noun = "object" if len(objs) == 1 else "objects"
+        captions.append(Caption(f"{NUMBER_WORDS[len(objs)]} {noun}", "count", tuple(range(len(objs)))))
+        by_shape: dict[str, list[int]] = {}
+        for k, o in enumerate(objs):
+            by_shape.setdefault(o.shape, []).append(k)
+        for shape, members in by_shape.items():
+            if len(members) > 1:
+                captions.append(Caption(f"{NUMBER_WORDS[len(members)]} {shape}s", "count", tuple(members)))
+    return captions
+
+
+def swapped_relation(caption: Caption, scene: Scene) -> str:
+    """The relation caption with its two objects exchanged ("a blue square left of a red circle"):
+    the hard negative for relation understanding."""
+    if caption.kind != "relation":
+        raise ValueError("only relation captions can be swapped")
+    i, j = caption.objects
+    a, b = scene.objects[i], scene.objects[j]
+    said = caption.text[len(f"a {a.name} ") : -len(f" a {b.name}")]
+    return f"a {b.name} {said} a {a.name}"

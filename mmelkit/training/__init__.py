@@ -1,0 +1,1 @@
+"""Training: the embedded scene-world CLIP (and, later, explanation-guided learning)."""

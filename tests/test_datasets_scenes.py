@@ -1,0 +1,120 @@
+"""The scene world: determinism, ground truth that matches the pixels, captions that refer right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mmelkit.datasets import COLOURS, SHAPES, SceneConfig, SceneWorld, relation, swapped_relation
+from mmelkit.datasets.scenes import SceneObject
+
+
+@pytest.fixture(scope="module")
+def world() -> SceneWorld:
+    return SceneWorld(SceneConfig(max_objects=5), seed=3, length=60)
+
+
+def test_scenes_are_deterministic_and_random_access(world: SceneWorld) -> None:
+    again = SceneWorld(SceneConfig(max_objects=5), seed=3)
+    for index in (7, 0, 31):
+        a, b = world[index], again[index]
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.masks, b.masks)
+        assert a.captions == b.captions
+    other = SceneWorld(SceneConfig(max_objects=5), seed=4)
+    assert not np.array_equal(world[7].image, other[7].image)
+    with pytest.raises(IndexError):
+        world[-1]
+
+
+def test_masks_match_the_painted_pixels(world: SceneWorld) -> None:
+    for scene in world:
+        assert scene.image.shape == (64, 64, 3) and scene.image.dtype == np.uint8
+        assert 1 <= len(scene.objects) <= 5
+        assert scene.masks.shape == (len(scene.objects), 64, 64)
+        assert not (scene.masks.sum(axis=0) > 1).any(), "visible masks must not overlap"
+        for k, obj in enumerate(scene.objects):
+            mask = scene.masks[k]
+            assert mask.sum() > 0
+            colour = np.array(COLOURS[obj.colour])
+            # every visible pixel carries the object's colour (up to the per-object shade)
+            assert np.abs(scene.image[mask].astype(int) - colour).max() <= 12 + 1
+            x1, y1, x2, y2 = scene.boxes[k]
+            assert mask[y1:y2, x1:x2].sum() == mask.sum()
+            assert mask[y1, x1:x2].any() and mask[y2 - 1, x1:x2].any()
+            assert mask[y1:y2, x1].any() and mask[y1:y2, x2 - 1].any()
+
+
+def test_overlap_is_bounded() -> None:
+    config = SceneConfig(min_objects=6, max_objects=6, max_overlap=0.1)
+    for scene in SceneWorld(config, seed=5, length=30):
+        for k, obj in enumerate(scene.objects):
+            full_area = SceneWorld(config)._shape_mask(obj.shape, *obj.center, obj.diameter / 2)[1].sum()
+            assert scene.masks[k].sum() >= 0.9 * full_area - 1
+
+
+def test_captions_refer_to_the_right_objects(world: SceneWorld) -> None:
+    for scene in world:
+        kinds = {c.kind for c in scene.captions}
+        assert {"object", "attribute", "count"} <= kinds
+        for caption in scene.captions:
+            assert caption.objects
+            mask = scene.mask_of(caption)
+            assert mask.sum() == sum(scene.masks[k].sum() for k in caption.objects)
+            named = [scene.objects[k] for k in caption.objects]
+            if caption.kind in ("object", "attribute"):
+                assert caption.text.endswith(named[0].name)
+            if caption.kind == "attribute":
+                assert named[0].size in caption.text
+            if caption.kind in ("pair", "relation"):
+                assert caption.text.startswith(f"a {named[0].name}") and caption.text.endswith(f"a {named[1].name}")
+        names = [o.name for o in scene.objects]
+        assert len(set(names)) == len(names), "unique_objects: one object per colour-shape name"
+
+
+def test_relations_follow_the_geometry() -> None:
+    def at(x: float, y: float) -> SceneObject:
+        return SceneObject("circle", "red", "small", (x, y), 12)
+
+    assert relation(at(10, 30), at(50, 30), margin_px=5) == "left of"
+    assert relation(at(50, 30), at(10, 30), margin_px=5) == "right of"
+    assert relation(at(30, 10), at(30, 50), margin_px=5) == "above"
+    assert relation(at(30, 50), at(30, 10), margin_px=5) == "below"
+    assert relation(at(30, 30), at(32, 31), margin_px=5) is None
+
+
+def test_swapped_relation(world: SceneWorld) -> None:
+    scene = next(s for s in world if s.captions_of("relation"))
+    caption = scene.captions_of("relation")[0]
+    swapped = swapped_relation(caption, scene)
+    a, b = (scene.objects[k].name for k in caption.objects)
+    assert swapped.startswith(f"a {b} ") and swapped.endswith(f" a {a}") and swapped != caption.text
+    with pytest.raises(ValueError):
+        swapped_relation(scene.captions_of("object")[0], scene)
+
+
+def test_clutter_world_with_sixteen_objects() -> None:
+    config = SceneConfig(image_size=128, min_objects=16, max_objects=16, max_overlap=0.3, clutter=4).scaled(128)
+    scenes = list(SceneWorld(config, seed=9, length=5))
+    assert max(len(s.objects) for s in scenes) >= 14  # crowded scenes may place a few fewer
+    assert all(s.image.shape == (128, 128, 3) for s in scenes)
+    counts = [c for s in scenes for c in s.captions_of("count")]
+    assert any(c.text.startswith(("fourteen", "fifteen", "sixteen")) for c in counts)
+
+
+def test_all_shapes_and_backgrounds_render() -> None:
+    config = SceneConfig(shapes=tuple(SHAPES), backgrounds=("noise", "texture", "plain"), min_objects=3, max_objects=3)
+    scenes = list(SceneWorld(config, seed=11, length=80))
+    assert {o.shape for s in scenes for o in s.objects} == set(SHAPES)
+    assert {s.background for s in scenes} == {"noise", "texture", "plain"}
+    plain = next(s for s in scenes if s.background == "plain")
+    background = ~plain.masks.any(axis=0)
+    assert len(np.unique(plain.image[background], axis=0)) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"min_objects": 0}, {"max_objects": 17}, {"shapes": ("blob",)}, {"image_size": 8}, {"max_overlap": 2.0}],
+)
+def test_bad_configs(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        SceneConfig(**kwargs)
