@@ -113,7 +113,9 @@ def test_all_shapes_and_backgrounds_render() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"min_objects": 0}, {"max_objects": 17}, {"shapes": ("blob",)}, {"image_size": 8}, {"max_overlap": 2.0}],
+    [{"min_objects": 0}, {"max_objects": 17}, {"shapes": ("blob",)}, {"colours": ("mauve",)}, {"image_size": 8},
+     {"max_overlap": 2.0}, {"sizes": (("huge", 90),)},
+     {"image_size": 32, "min_objects": 16, "max_objects": 16, "sizes": (("small", 14),), "max_overlap": 0.0}],
 )
 def test_bad_configs(kwargs: dict) -> None:
     with pytest.raises(ValueError):

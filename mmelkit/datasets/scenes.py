@@ -127,6 +127,17 @@ class SceneConfig:
             raise ValueError("image_size must be at least 16")
         if not 0.0 <= self.max_overlap <= 1.0:
             raise ValueError("max_overlap must lie in [0, 1]")
+        smallest = min(px for _, px in self.sizes) - self.size_jitter
+        largest = max(px for _, px in self.sizes) + self.size_jitter
+        if smallest < 3 or largest > self.image_size:
+            raise ValueError(f"object sizes {self.sizes} must lie between 3 px and the image size {self.image_size}")
+        # Shapes fill at least about half of their square; beyond that the canvas cannot hold them.
+        needed = self.min_objects * 0.5 * smallest**2 * (1.0 - self.max_overlap)
+        if needed > self.image_size**2:
+            raise ValueError(
+                f"{self.min_objects} objects of at least {smallest} px cannot fit a {self.image_size} px canvas "
+                "with this overlap: lower min_objects or the sizes, raise image_size or max_overlap"
+            )
 
     def scaled(self, image_size: int) -> SceneConfig:
         """The same world at another resolution (object sizes scale with the image)."""
@@ -248,9 +259,7 @@ class SceneWorld:
             placed.append(SceneObject(shape, colour, size_name, center, diameter))
         # Visible masks: an object is what remains on top in the occupancy map.
         masks = occupied[None] == np.arange(len(placed), dtype=np.int16)[:, None, None]
-        boxes = np.array(
-            [_box(masks[k][box], box) for k, (box, _, _) in enumerate(stamps)], dtype=np.int64
-        ).reshape(-1, 4)
+        boxes = _boxes(masks)
         scene = Scene(index, image, placed, masks, boxes, [], kind, tint)
         scene.captions = make_captions(scene, cfg)
         return scene
@@ -359,14 +368,15 @@ def _orientations(t: np.ndarray) -> list[np.ndarray]:
     return flips + [f.transpose(0, 2, 1, 3) for f in flips]
 
 
-def _box(local: np.ndarray, box: tuple[slice, slice]) -> tuple[int, int, int, int]:
-    """Box (x1, y1, x2, y2) of the True pixels of ``local``, a crop of the image at ``box``."""
-    rows = np.flatnonzero(local.any(axis=1))
-    cols = np.flatnonzero(local.any(axis=0))
-    if len(rows) == 0:  # fully hidden; cannot happen while max_overlap < 1
-        return (0, 0, 0, 0)
-    top, left = box[0].start, box[1].start
-    return (left + int(cols[0]), top + int(rows[0]), left + int(cols[-1]) + 1, top + int(rows[-1]) + 1)
+def _boxes(masks: np.ndarray) -> np.ndarray:
+    """Boxes (x1, y1, x2, y2), exclusive at the far end, of (K, H, W) masks; (0, 0, 0, 0) if empty."""
+    rows, cols = masks.any(axis=2), masks.any(axis=1)  # (K, H), (K, W)
+    height, width = rows.shape[1], cols.shape[1]
+    y1, x1 = rows.argmax(axis=1), cols.argmax(axis=1)
+    y2, x2 = height - rows[:, ::-1].argmax(axis=1), width - cols[:, ::-1].argmax(axis=1)
+    boxes = np.stack([x1, y1, x2, y2], axis=1).astype(np.int64).reshape(-1, 4)
+    boxes[~rows.any(axis=1)] = 0  # fully hidden: cannot happen while max_overlap < 1
+    return boxes
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ class ClipTrainConfig:
     model: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(SCENE_CLIP_CONFIG)))
     data_seed: int = 0
     init_seed: int = 0
-    steps: int = 3_000
+    steps: int = 4_500
     batch_size: int = 128
     lr: float = 5e-4
     weight_decay: float = 0.05
