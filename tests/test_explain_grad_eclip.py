@@ -82,3 +82,51 @@ def test_parameters_are_checked(adapter: mmelkit.ClipAdapter, images: torch.Tens
         get_method("nope")
     pixels, tokens = pair_inputs(adapter, images[0], TEXTS)
     assert pixels.shape[0] == len(tokens) == 3
+
+
+def _official_reference(model: mmelkit.ClipAdapter, pixels: torch.Tensor, text: str) -> torch.Tensor:
+    """The authors' recipe by hand for an open_clip ViT: rerun the last block as ONE head over the
+    full width, differentiate the score w.r.t. that block's attention output, compare q and k after
+    the output projection."""
+    visual = model.model.visual
+    block = visual.transformer.resblocks[-1]
+    target = model.encode_text([text]).detach()[0]
+    with model.trace(image_blocks=[-1]) as trace:
+        model.encode_image(pixels[None])
+    x = trace.image[-1].tokens_in.detach()[0]  # (L, D): input of the last block, unaffected by it
+    width = x.shape[-1]
+    q, k, v = torch.nn.functional.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, -1)
+    o = (torch.softmax(q @ k.T / width**0.5, dim=-1) @ v).detach().requires_grad_(True)
+    y = x + block.attn.out_proj(o)
+    y = y + block.mlp(block.ln_2(y))
+    feature = visual.ln_post(y[0]) @ visual.proj
+    score = torch.dot(feature / feature.norm(), target)
+    g, = torch.autograd.grad(score, o)
+    projected_q, projected_k = block.attn.out_proj(q), block.attn.out_proj(k)
+    cosines = torch.nn.functional.cosine_similarity(projected_q[0:1], projected_k[1:], dim=-1)
+    lam = (cosines - cosines.min()) / (cosines.max() - cosines.min() + 1e-8)
+    raw = (lam * (v[1:] * g[0]).sum(-1)).clamp_min(0).detach()
+    return ((raw - raw.min()) / (raw.max() - raw.min())).reshape(trace.image[-1].grid)
+
+
+def test_official_mode_matches_the_authors_recipe(images: torch.Tensor) -> None:
+    from conftest import make_model
+
+    adapter = mmelkit.load_model(make_model("open_clip-default"), device="cpu")
+    pixels = adapter.preprocess(images)
+    result = GradECLIP(adapter, mode="official").explain(pixels, TEXTS)
+    for n in range(3):
+        torch.testing.assert_close(result.maps[n], _official_reference(adapter, pixels[n], TEXTS[n]), atol=1e-4, rtol=0)
+    faithful = GradECLIP(adapter).explain(pixels, TEXTS)
+    assert not torch.allclose(result.maps, faithful.maps, atol=1e-3)
+    with pytest.raises(ValueError, match="mode"):
+        GradECLIP(adapter, mode="paper").explain(pixels, TEXTS)
+
+
+def test_official_mode_runs_on_every_family(adapter: mmelkit.ClipAdapter, images: torch.Tensor) -> None:
+    if adapter.family == "open_clip" and adapter.backend.image_tower().attention_kind == "open_clip":
+        with pytest.raises(NotImplementedError, match="per-head"):
+            GradECLIP(adapter, mode="official").explain(images, TEXTS)
+        return
+    result = GradECLIP(adapter, mode="official", layers=2).explain(images, TEXTS)
+    assert torch.isfinite(result.maps).all() and (result.maps.amax(dim=(1, 2)) > 0).all()

@@ -173,6 +173,7 @@ class ClipAdapter:
         *,
         attention_probs: bool = True,
         math_attention: bool = False,
+        single_head_blocks: BlockSelection = None,
     ) -> Iterator[ModelTrace]:
         """Record the insides of the chosen blocks during forward passes run inside the ``with``.
 
@@ -180,7 +181,9 @@ class ClipAdapter:
         (negative indices count from the last block). ``attention_probs``: materialise the
         attention probabilities (otherwise the fused kernel runs and ``attn`` stays ``None``).
         ``math_attention``: never use the fused kernel (needed for double backward).
-        See :mod:`mmelkit.models.tracing` for what is recorded.
+        ``single_head_blocks``: image blocks (among those traced) whose attention runs as one head
+        over the full width; this CHANGES the model's output and exists for Grad-ECLIP's
+        ``official`` reproduction mode. See :mod:`mmelkit.models.tracing` for what is recorded.
         """
         image_tower = self.backend.image_tower()
         text_tower = self.backend.text_tower() if text_blocks is not None else None
@@ -191,8 +194,12 @@ class ClipAdapter:
             math_attention=math_attention,
         )
         tracer = Tracer(trace)
+        image_indices = resolve_blocks(image_blocks, len(image_tower.blocks), "image")
+        single = frozenset(resolve_blocks(single_head_blocks, len(image_tower.blocks), "image"))
+        if not single <= set(image_indices):
+            raise ValueError("single_head_blocks must be among the traced image_blocks")
         try:
-            tracer.install(image_tower, resolve_blocks(image_blocks, len(image_tower.blocks), "image"))
+            tracer.install(image_tower, image_indices, single)
             if text_tower is not None:
                 tracer.install(text_tower, resolve_blocks(text_blocks, len(text_tower.blocks), "text"))
             self._traces.append(trace)

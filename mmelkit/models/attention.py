@@ -36,6 +36,7 @@ class AttentionRecord(Protocol):
     v: torch.Tensor | None
     attn: torch.Tensor | None
     attn_out: torch.Tensor | None
+    single_head: bool  # run this block's attention as one head over the full width
 
 
 class AttentionOptions(Protocol):
@@ -122,7 +123,7 @@ def mha_forward(
             raise NotImplementedError("mmelkit traces self-attention only (query, key, value must be one tensor)")
         x = query if module.batch_first else query.transpose(0, 1)  # -> (N, L, D)
         n, length, width = x.shape
-        heads = module.num_heads
+        heads = 1 if record.single_head else module.num_heads
         head_dim = width // heads
         qkv = F.linear(x, module.in_proj_weight, module.in_proj_bias)
         q, k, v = (t.reshape(n, length, heads, head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
@@ -176,10 +177,14 @@ def open_clip_attention_forward(
     """
     if module.logit_scale is not None:
         raise NotImplementedError("mmelkit cannot trace open_clip's scaled cosine attention")
+    per_head_parts = not isinstance(module.ln_q, nn.Identity) or module.head_scale is not None
+    if record.single_head and per_head_parts:
+        raise NotImplementedError("single-head tracing needs attention without per-head norms or scales")
 
     def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         n, length, width = x.shape
-        heads = module.num_heads
+        heads = 1 if record.single_head else module.num_heads
+        scale = width**-0.5 if record.single_head else module.scale
         q, k, v = F.linear(x, module.in_proj_weight, module.in_proj_bias).chunk(3, dim=-1)
         q, k, v = (t.reshape(n, length, heads, -1).transpose(1, 2) for t in (q, k, v))
 
@@ -191,7 +196,7 @@ def open_clip_attention_forward(
 
         drop = module.attn_drop.p if module.training else 0.0
         q, k = module.ln_q(q), module.ln_k(k)
-        out = attend(q, k, v, additive_mask=mask, scale=module.scale, dropout_p=drop, record=record, options=options)
+        out = attend(q, k, v, additive_mask=mask, scale=scale, dropout_p=drop, record=record, options=options)
         if module.head_scale is not None:
             out = out * module.head_scale
         merged = _merge_heads(out, record)
@@ -225,7 +230,7 @@ def hf_clip_attention_forward(
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         n, length, width = hidden_states.shape
-        heads = module.num_heads
+        heads = 1 if record.single_head else module.num_heads
         head_dim = width // heads
         q, k, v = (
             proj(hidden_states).reshape(n, length, heads, head_dim).transpose(1, 2)
@@ -243,8 +248,8 @@ def hf_clip_attention_forward(
             mask = torch.full((length, length), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
         drop = module.dropout if module.training else 0.0
         local = _NeedProbs(options, bool(output_attentions))
-        out = attend(q, k, v, additive_mask=mask, scale=module.scale, dropout_p=drop, record=record,
-                     options=local)
+        scale = head_dim**-0.5 if record.single_head else module.scale
+        out = attend(q, k, v, additive_mask=mask, scale=scale, dropout_p=drop, record=record, options=local)
         merged = _merge_heads(out, record)
         return module.out_proj(merged), (record.attn if output_attentions else None)
 

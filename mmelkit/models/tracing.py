@@ -82,6 +82,9 @@ class BlockTrace:
     tokens_out: torch.Tensor | None = None
     grid: tuple[int, int] | None = None  # patch grid of the images (image tower only)
     calls: int = 0  # forward passes seen; fields hold the last one
+    # Ran the attention as ONE head over the full width instead of the model's heads. This changes
+    # the model's output; only Grad-ECLIP's "official" reproduction mode asks for it.
+    single_head: bool = False
 
     @property
     def num_heads(self) -> int:
@@ -181,13 +184,14 @@ class Tracer:
         self._patched: list[tuple[nn.Module, Any]] = []
         self._marked: list[nn.Module] = []
 
-    def install(self, tower: TowerInfo, indices: list[int]) -> None:
+    def install(self, tower: TowerInfo, indices: list[int], single_head: frozenset[int] = frozenset()) -> None:
         target = self.trace.image_blocks if tower.name == "image" else self.trace.text_blocks
         for index in indices:
             block, attention = tower.blocks[index], tower.attentions[index]
             if getattr(block, _TRACED_ATTR, False):
                 raise RuntimeError(f"{tower.name} block {index} is already being traced by another open trace")
-            record = BlockTrace(tower=tower.name, index=index, num_prefix_tokens=tower.num_prefix_tokens)
+            record = BlockTrace(tower=tower.name, index=index, num_prefix_tokens=tower.num_prefix_tokens,
+                                single_head=index in single_head)
             target[index] = record
             setattr(block, _TRACED_ATTR, True)
             self._marked.append(block)
