@@ -15,6 +15,7 @@ from mmelkit import _compat
 
 _compat.apply()
 
+from mmelkit.methods import explain, list_methods  # noqa: E402
 from mmelkit.models import (  # noqa: E402
     BlockTrace,
     ClipAdapter,
@@ -33,6 +34,8 @@ __all__ = [
     "ModelTrace",
     "TextTokens",
     "__version__",
+    "explain",
+    "list_methods",
     "list_zoo",
     "load_model",
     "resolve_device",

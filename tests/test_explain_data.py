@@ -10,7 +10,7 @@ from conftest import make_open_clip
 
 import mmelkit
 from mmelkit.datasets import SceneConfig, SceneWorld
-from mmelkit.explain.data import (
+from mmelkit.methods.data import (
     TrainingBank,
     counterfactual_captions,
     nearest_training_pairs,

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from conftest import TEXTS
 
 import mmelkit
-from mmelkit.explain.base import get_method, pair_inputs
-from mmelkit.explain.token import GradECLIP
+from mmelkit.methods.base import get_method, pair_inputs
+from mmelkit.methods.token import GradECLIP
 
 
 def _reference(model: mmelkit.ClipAdapter, pixels: torch.Tensor, text: str, layers: int, key_similarity: bool) -> torch.Tensor:
@@ -130,3 +130,14 @@ def test_official_mode_runs_on_every_family(adapter: mmelkit.ClipAdapter, images
         return
     result = GradECLIP(adapter, mode="official", layers=2).explain(images, TEXTS)
     assert torch.isfinite(result.maps).all() and (result.maps.amax(dim=(1, 2)) > 0).all()
+
+
+def test_two_line_api_and_method_table(adapter: mmelkit.ClipAdapter, images: torch.Tensor) -> None:
+    direct = GradECLIP(adapter, layers=2).explain(images, TEXTS)
+    via_api = mmelkit.explain(adapter, images, TEXTS, method="grad_eclip", layers=2)
+    torch.testing.assert_close(via_api.maps, direct.maps)
+    assert via_api.method == "grad_eclip" and via_api.params["layers"] == 2 and via_api.texts == TEXTS
+    table = mmelkit.list_methods()
+    row = table.loc["grad_eclip"]
+    assert row["level"] == "model" and row["granularity"] == "token" and "ICML 2024" in row["reference"]
+    assert set(row["parameters"]) == {"layers", "key_similarity", "mode"}

@@ -1,6 +1,6 @@
 """Data-level interpretability: how outputs move when the data moves, and which data they lean on."""
 
-from mmelkit.explain.data.attribution import NearestPairs, TrainingBank, nearest_training_pairs
-from mmelkit.explain.data.counterfactual import Counterfactual, counterfactual_captions, score_counterfactuals
+from mmelkit.methods.data.attribution import NearestPairs, TrainingBank, nearest_training_pairs
+from mmelkit.methods.data.counterfactual import Counterfactual, counterfactual_captions, score_counterfactuals
 
 __all__ = ["Counterfactual", "NearestPairs", "TrainingBank", "counterfactual_captions", "nearest_training_pairs", "score_counterfactuals"]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmelkit.explain.base import (
+from mmelkit.methods.base import (
     Explanation,
     Method,
     minmax_over,

@@ -1,0 +1,47 @@
+"""Explanation methods, organised by the survey's taxonomy (data, model, training, inference).
+
+* ``mmelkit.methods.data``: data-level interpretability (counterfactual captions, nearest
+  training pairs).
+* ``mmelkit.methods.token``: model-level, token-granularity maps (Grad-ECLIP so far).
+
+``explain(model, images, texts, method=...)`` runs any registered method; ``list_methods()``
+tabulates them with their place in the taxonomy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmelkit.methods import token  # noqa: F401  (importing registers the methods)
+from mmelkit.methods.base import REGISTRY, Explanation, Method, get_method
+from mmelkit.models.adapter import ClipAdapter, TextLike
+
+
+def explain(model: ClipAdapter, images: Any, texts: TextLike, method: str = "grad_eclip", **params: Any) -> Explanation:
+    """Explain image-text pairs with a registered method (see :func:`list_methods`).
+
+    ``images``/``texts``: N and N (pairs), 1 and N, or N and 1. ``params`` are the method's own.
+    """
+    return get_method(method)(model, **params).explain(images, texts)
+
+
+def list_methods() -> Any:
+    """A pandas DataFrame: one row per method with its taxonomy place, reference and parameters."""
+    import pandas as pd
+
+    rows = [
+        {
+            "method": cls.name,
+            "level": cls.level,
+            "granularity": cls.granularity,
+            "family": cls.family,
+            "modality": cls.modality,
+            "reference": cls.reference,
+            "parameters": dict(cls.defaults),
+        }
+        for cls in sorted(REGISTRY.values(), key=lambda c: c.name)
+    ]
+    return pd.DataFrame(rows).set_index("method")
+
+
+__all__ = ["Explanation", "Method", "explain", "get_method", "list_methods"]
