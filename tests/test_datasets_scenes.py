@@ -120,3 +120,15 @@ def test_all_shapes_and_backgrounds_render() -> None:
 def test_bad_configs(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         SceneConfig(**kwargs)
+
+
+def test_dataloader_batches_scenes(world: SceneWorld) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from mmelkit.datasets import collate_scenes
+
+    batch = next(iter(DataLoader(world, batch_size=5, collate_fn=collate_scenes)))
+    assert batch["images"].shape == (5, 3, 64, 64) and batch["images"].dtype == torch.uint8
+    assert np.array_equal(batch["images"][2].permute(1, 2, 0).numpy(), world[2].image)
+    assert [s.index for s in batch["scenes"]] == [0, 1, 2, 3, 4]

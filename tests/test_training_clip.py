@@ -99,3 +99,12 @@ def test_export_and_load_through_the_zoo(tmp_path: Path, monkeypatch: pytest.Mon
     assert weights.stat().st_size < 25e6
     result = evaluate_scene_clip(model, num_single=16, num_multi=16, num_relation=8)
     assert 0 <= result.naming <= 1 and result.samples["relation"] == 8
+
+
+def test_caption_mix_is_validated() -> None:
+    from mmelkit.training.clip_data import CaptionMix
+
+    with pytest.raises(ValueError):
+        CaptionMix(object=-0.1)
+    with pytest.raises(ValueError):
+        CaptionMix(object=0.0, pair=0.0)

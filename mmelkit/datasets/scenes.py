@@ -343,6 +343,15 @@ class SceneWorld:
             image[ys, xs] = grey
 
 
+def collate_scenes(scenes: list[Scene]) -> dict[str, object]:
+    """``DataLoader(world, batch_size=..., collate_fn=collate_scenes)``: images stacked into a uint8
+    tensor (N, 3, H, W); the scenes themselves (masks, captions, ...) kept as a list."""
+    import torch
+
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).contiguous()
+    return {"images": images, "scenes": scenes}
+
+
 def _texture_bank(size: int, rng: np.random.Generator, count: int = 16) -> dict[str, np.ndarray]:
     """Zero-mean background patterns (int16), drawn once per world and reused with random shifts."""
     noise = rng.normal(0, 14, size=(count, size, size, 3)).astype(np.int16)

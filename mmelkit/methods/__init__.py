@@ -2,7 +2,8 @@
 
 * ``mmelkit.methods.data``: data-level interpretability (counterfactual captions, nearest
   training pairs).
-* ``mmelkit.methods.token``: model-level, token-granularity maps (Grad-ECLIP so far).
+* ``mmelkit.methods.token``: model-level, token-granularity maps (Grad-ECLIP, raw attention,
+  attention rollout, generic attention, Grad-CAM).
 
 ``explain(model, images, texts, method=...)`` runs any registered method; ``list_methods()``
 tabulates them with their place in the taxonomy.

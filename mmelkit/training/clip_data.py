@@ -24,6 +24,10 @@ class CaptionMix:
     object: float = 0.5  # "a red circle"
     pair: float = 0.5  # "a red circle and a blue square"
 
+    def __post_init__(self) -> None:
+        if self.object < 0 or self.pair < 0 or self.object + self.pair <= 0:
+            raise ValueError(f"caption weights must be non-negative and not both zero; got {self}")
+
     def choose(self, rng: np.random.Generator, num_objects: int) -> str:
         if num_objects < 2:
             return "object"

@@ -24,6 +24,7 @@ from mmelkit.models.images import OPENAI_MEAN, OPENAI_STD
 from mmelkit.models.loading import resolve_device
 from mmelkit.models.open_clip_backend import open_clip
 from mmelkit.training.clip_data import CaptionMix, SceneCaptionPairs, collate, default_world
+from mmelkit.training.export import describe_hardware
 
 # The embedded model's architecture: an open_clip ViT (patch 8, 64 px) small enough to train on a
 # CPU in hours and on one GPU in minutes; open_clip's standard tokenizer and vocabulary.
@@ -39,7 +40,7 @@ class ClipTrainConfig:
     model: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(SCENE_CLIP_CONFIG)))
     data_seed: int = 0
     init_seed: int = 0
-    steps: int = 4_500
+    steps: int = 4_000
     batch_size: int = 128
     lr: float = 5e-4
     weight_decay: float = 0.05
@@ -182,6 +183,7 @@ def train_clip(
             "seconds": elapsed + time.time() - started,
             "config": asdict(config),
             "fingerprint": config.fingerprint(),
+            "hardware": describe_hardware(target),
         }
         torch.save(state, out / "last.tmp")
         (out / "last.tmp").replace(checkpoint_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,26 @@ def export_clip(
             "steps": state["step"],
             "images_seen": state["step"] * train["batch_size"],
             "seconds": round(state.get("seconds", 0.0)),
-            "hardware": state.get("hardware") or f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+            "hardware": state.get("hardware") or describe_hardware(torch.device("cpu")),
         },
         "quality": quality or {},
-        "notes": notes,
+        "notes": notes or _run_notes(Path(checkpoint)),
     }
     (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / f"{name}.md").write_text(model_card(meta, weights_path.stat().st_size))
     return weights_path
+
+
+def describe_hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}"
+
+
+def _run_notes(checkpoint: Path) -> str:
+    """Free-text notes a run folder may carry (``notes.md`` beside ``last.pt``) for the model card."""
+    path = checkpoint.parent / "notes.md"
+    return path.read_text().strip() if path.is_file() else ""
 
 
 def model_card(meta: dict[str, Any], size_bytes: int) -> str:
