@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmelkit.methods import token  # noqa: F401  (importing registers the methods)
+from mmelkit.methods import architecture, perturbation, token  # noqa: F401  (importing registers the methods)
 from mmelkit.methods.base import REGISTRY, Explanation, Method, get_method
 from mmelkit.models.adapter import ClipAdapter, TextLike
 

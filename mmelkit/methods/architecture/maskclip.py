@@ -1,0 +1,41 @@
+"""MaskCLIP (Zhou et al., ECCV 2022): dense image-text similarity from the last block's value path.
+
+The last block's attention mixes tokens; its value path does not. Taking each patch's value
+(all heads), the block's output projection, the tower's final norm and projection gives one
+embedding per patch, z_i = proj(LN_post(v_i W_o + b_o)); the map is cos(z_i, t)^+. Training-free,
+one forward, no gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mmelkit.methods.base import Explanation, Method, normalise_maps, pair_inputs, register, text_features
+from mmelkit.models.adapter import TextLike
+
+
+@register
+class MaskCLIP(Method):
+    name = "maskclip"
+    granularity = "architecture"
+    family = "value path"
+    reference = "Zhou, Loy & Dai, Extract Free Dense Labels from CLIP, ECCV 2022"
+    defaults: dict[str, Any] = {}
+
+    def explain(self, images: Any, texts: TextLike) -> Explanation:
+        model = self.model
+        pixels, tokens = pair_inputs(model, images, texts)
+        targets = text_features(model, tokens)
+        out_proj = model.backend.image_tower().attentions[-1].out_proj
+        with torch.no_grad():
+            with model.trace(image_blocks=[-1], attention_probs=False) as trace:
+                model.encode_image(pixels)
+            record = trace.image[-1]
+            values = record.v[:, :, record.num_prefix_tokens :]  # (N, H, P, d)
+            merged = values.transpose(1, 2).flatten(2)  # (N, P, D): heads concatenated, as attn_out is
+            dense = F.normalize(model.project_image_tokens(out_proj(merged)), dim=-1)  # (N, P, E)
+            maps = (dense * targets[:, None, :]).sum(dim=-1).clamp_min(0).reshape(-1, *record.grid)
+        return Explanation(normalise_maps(maps), tuple(pixels.shape[-2:]), self.name, dict(self.params), tokens.texts)
