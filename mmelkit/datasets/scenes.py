@@ -211,8 +211,9 @@ class SceneWorld:
         self.seed = int(seed)
         self.length = int(length)
         size = self.config.image_size
-        rows, cols = np.mgrid[0:size, 0:size]
-        self._rows, self._cols = rows.astype(np.float32) + 0.5, cols.astype(np.float32) + 0.5
+        # pixel-centre coordinates, as a column and a row: shape tests broadcast them to 2-D
+        centres = np.arange(size, dtype=np.float32) + 0.5
+        self._rows, self._cols = centres[:, None], centres[None, :]
         self._textures = _texture_bank(size, np.random.default_rng([self.seed, 2**31 - 1]))
 
     def __len__(self) -> int:
@@ -310,8 +311,8 @@ class SceneWorld:
         size = self.config.image_size
         top, bottom = max(0, int(cy - radius) - 1), min(size, int(cy + radius) + 2)
         left, right = max(0, int(cx - radius) - 1), min(size, int(cx + radius) + 2)
-        u = (self._cols[top:bottom, left:right] - cx) / radius
-        v = (self._rows[top:bottom, left:right] - cy) / radius
+        u = (self._cols[:, left:right] - cx) / radius  # (1, w)
+        v = (self._rows[top:bottom] - cy) / radius  # (h, 1)
         return (slice(top, bottom), slice(left, right)), SHAPES[shape](u, v)
 
     def _background(
@@ -328,7 +329,8 @@ class SceneWorld:
         bank = self._textures[kind]
         texture = bank[draws[4] % len(bank)]
         # textures are bounded to +-60, base + tint to [65, 180]: the sum stays in 0..255
-        image = (texture + np.array([base + t for t in tint], np.int16)).astype(np.uint8)
+        image = np.empty(texture.shape, np.uint8)
+        np.add(texture, np.array([base + t for t in tint], np.int16), out=image, casting="unsafe")
         return image, kind, tint  # type: ignore[return-value]
 
     def _add_clutter(self, image: np.ndarray, rng: np.random.Generator) -> None:

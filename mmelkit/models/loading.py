@@ -134,7 +134,7 @@ def _is_hf_dir(path: Path) -> bool:
 
 
 def load_model(
-    spec: ModelSpec = "toy-random",
+    spec: ModelSpec = "scene-clip",
     pretrained: str | os.PathLike[str] | None = None,
     *,
     device: str | torch.device = "auto",

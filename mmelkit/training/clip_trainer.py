@@ -40,7 +40,7 @@ class ClipTrainConfig:
     model: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(SCENE_CLIP_CONFIG)))
     data_seed: int = 0
     init_seed: int = 0
-    steps: int = 4_000
+    steps: int = 4_600
     batch_size: int = 128
     lr: float = 5e-4
     weight_decay: float = 0.05
@@ -48,13 +48,14 @@ class ClipTrainConfig:
     object_captions: float = 0.5
     pair_captions: float = 0.5
     checkpoint_every: int = 100
+    log_every: int = 25
     workers: int = 1
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; or "fp32" / "bf16"
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed (not steps: a run may be extended)."""
         keep = asdict(self)
-        for key in ("steps", "checkpoint_every", "workers"):
+        for key in ("steps", "checkpoint_every", "log_every", "workers"):
             keep.pop(key)
         return keep
 
@@ -215,7 +216,7 @@ def train_clip(
             optimizer.step()
             step += 1
             bar.update(1)
-            if step % 25 == 0 or step == config.steps:
+            if step % config.log_every == 0 or step == config.steps:
                 value = float(loss.detach())
                 bar.set_postfix(loss=f"{value:.3f}")
                 log.write(json.dumps({"step": step, "loss": value, "seconds": round(elapsed + time.time() - started, 1)}) + "\n")

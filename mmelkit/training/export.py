@@ -98,6 +98,8 @@ def model_card(meta: dict[str, Any], size_bytes: int) -> str:
         f"steps, cosine decay; batch {config['batch_size']}; init seed {config['init_seed']}",
         f"- {train['steps']} steps, {train['images_seen']:,} images, {train['seconds'] / 60:.0f} minutes on "
         f"{train['hardware']}",
+        "- reproduce: `mmelkit train clip --export` (resumable; `--device cuda` on a GPU); the figures below",
+        "  come from the same command's evaluation, also available alone as `mmelkit eval clip`",
         "",
         "## Quality (held-out scenes, another seed; `mmelkit eval clip`)",
     ]
