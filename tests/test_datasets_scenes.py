@@ -46,9 +46,10 @@ def test_masks_match_the_painted_pixels(world: SceneWorld) -> None:
 
 def test_overlap_is_bounded() -> None:
     config = SceneConfig(min_objects=6, max_objects=6, max_overlap=0.1)
-    for scene in SceneWorld(config, seed=5, length=30):
+    world = SceneWorld(config, seed=5, length=30)
+    for scene in world:
         for k, obj in enumerate(scene.objects):
-            full_area = SceneWorld(config)._shape_mask(obj.shape, *obj.center, obj.diameter / 2)[1].sum()
+            full_area = world._shape_mask(obj.shape, *obj.center, obj.diameter / 2)[1].sum()
             assert scene.masks[k].sum() >= 0.9 * full_area - 1
 
 

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ImageLike = Image.Image | np.ndarray | torch.Tensor
 SizeSpec = None | int | tuple[int, int] | Literal["native", "keep"]
 
 # OpenAI CLIP's normalisation, which open_clip and Hugging Face use by default.
