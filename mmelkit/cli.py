@@ -213,6 +213,8 @@ def _add_train(commands: Subparsers) -> None:
     clip.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="(default: %(default)s)")
     clip.add_argument("--workers", type=int, default=defaults.workers, help="data loader processes (default: %(default)s)")
     clip.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
+    clip.add_argument("--init-from", default=None, metavar="WEIGHTS",
+                      help="start from these weights (.safetensors or last.pt) instead of a random init")
     clip.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     clip.add_argument("--export", action="store_true", help="evaluate and export to data/models/ when done")
     clip.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -231,6 +233,7 @@ def _train_clip(args: argparse.Namespace) -> int:
         data_seed=args.data_seed,
         checkpoint_every=args.checkpoint_every,
         workers=args.workers,
+        init_from=args.init_from,
     )
     max_seconds = args.max_minutes * 60 if args.max_minutes is not None else None
     checkpoint = train_clip(config, args.out, device=args.device, progress=not args.quiet, max_seconds=max_seconds)

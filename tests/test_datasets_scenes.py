@@ -133,3 +133,60 @@ def test_dataloader_batches_scenes(world: SceneWorld) -> None:
     assert batch["images"].shape == (5, 3, 64, 64) and batch["images"].dtype == torch.uint8
     assert np.array_equal(batch["images"][2].permute(1, 2, 0).numpy(), world[2].image)
     assert [s.index for s in batch["scenes"]] == [0, 1, 2, 3, 4]
+
+
+def _reference_raster(shape: str, cx: float, cy: float, radius: float, size: int) -> np.ndarray:
+    """The shape over the whole canvas, computed directly (no stamp cache, no cropping)."""
+    centres = np.arange(size, dtype=np.float64) + 0.5
+    return SHAPES[shape]((centres[None, :] - cx) / radius, (centres[:, None] - cy) / radius)
+
+
+@pytest.mark.parametrize("image_size", [64, 40])
+def test_cached_stamps_equal_a_direct_rasterisation(image_size: int) -> None:
+    # Visible mask of object k = its full shape minus every later (painted on top) object's shape.
+    # 40 px with large objects makes many stamps touch the border, exercising the cropped path.
+    config = SceneConfig(image_size=image_size, min_objects=3, max_objects=6, shapes=tuple(SHAPES), max_overlap=0.3)
+    world = SceneWorld(config, seed=21, length=40)
+    touched_border = overlapped = 0
+    for scene in world:
+        full = [_reference_raster(o.shape, *o.center, o.diameter / 2, image_size) for o in scene.objects]
+        for k, obj in enumerate(scene.objects):
+            assert obj.center[0] * 8 == int(obj.center[0] * 8), "centres lie on the 1/8-pixel grid"
+            later = np.zeros_like(full[k])
+            for top in full[k + 1 :]:
+                later |= top
+            np.testing.assert_array_equal(scene.masks[k], full[k] & ~later)
+            overlapped += int((full[k] & later).any())
+            touched_border += int(full[k][[0, -1]].any() or full[k][:, [0, -1]].any())
+    assert touched_border and overlapped, "the fixture must exercise cropped and overlapping stamps"
+
+
+def test_scene_streams_survive_pickling_and_threads() -> None:
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    world = SceneWorld(SceneConfig(), seed=8)
+    expected = [world[i].image for i in range(12)]
+    copy = pickle.loads(pickle.dumps(world))
+    assert all(np.array_equal(copy[i].image, expected[i]) for i in range(12))
+    with ThreadPoolExecutor(4) as pool:
+        images = list(pool.map(lambda i: world[i].image, list(range(12)) * 4))
+    assert all(np.array_equal(image, expected[i % 12]) for i, image in enumerate(images))
+    # a stream is positioned by the index alone: drawing other scenes in between changes nothing
+    first = world.stream(5).random(3)
+    world[99]
+    np.testing.assert_array_equal(world.stream(5).random(3), first)
+
+
+def test_choices_are_uniform() -> None:
+    # object counts, colour-shape pairs and centres are uniform (loose bounds: 3,000 scenes)
+    config = SceneConfig(min_objects=1, max_objects=4)
+    world = SceneWorld(config, seed=13)
+    scenes = [world[i] for i in range(3000)]
+    counts = np.bincount([len(s.objects) for s in scenes], minlength=5)[1:]
+    assert counts.min() > 0.2 * 3000 and counts.max() < 0.3 * 3000  # 1 to 4 rarely fails to place
+    pairs = np.bincount([config.shapes.index(o.shape) * 8 + config.colours.index(o.colour)
+                         for s in scenes for o in s.objects], minlength=48)
+    assert pairs.min() > 0.6 * pairs.mean() and pairs.max() < 1.4 * pairs.mean()
+    xs = np.array([o.center[0] for s in scenes for o in s.objects])
+    assert abs(np.median(xs) - 32) < 1.5

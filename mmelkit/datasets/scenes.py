@@ -10,6 +10,9 @@ explanation points at the right thing.
 
 from __future__ import annotations
 
+import functools
+import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NamedTuple
@@ -204,17 +207,22 @@ class SceneWorld:
     """A deterministic, random-access collection of scenes: ``world[i]`` is always the same scene.
 
     ``length`` only bounds iteration and ``len()``; any non-negative index can be drawn.
+
+    Scene ``i`` comes from a counter-based Philox stream keyed by the seed, positioned at block
+    ``i``: reaching any scene costs a state assignment, not a seeding hash, which matters when a
+    trainer asks for thousands of scenes per second. Object centres lie on a 1/8-pixel grid, so the
+    rasterised shapes come from a small cache (:func:`_canonical_stamp`) instead of being redrawn.
     """
 
     def __init__(self, config: SceneConfig | None = None, seed: int = 0, length: int = 10_000) -> None:
         self.config = config or SceneConfig()
         self.seed = int(seed)
+        if not 0 <= self.seed < 2**63:
+            raise ValueError("seed must be a non-negative 63-bit integer")
         self.length = int(length)
-        size = self.config.image_size
-        # pixel-centre coordinates, as a column and a row: shape tests broadcast them to 2-D
-        centres = np.arange(size, dtype=np.float32) + 0.5
-        self._rows, self._cols = centres[:, None], centres[None, :]
-        self._textures = _texture_bank(size, np.random.default_rng([self.seed, 2**31 - 1]))
+        self._textures = _texture_bank(self.config.image_size, np.random.default_rng([self.seed, 2**31 - 1]))
+        # one generator per thread, re-positioned for every scene (see __getitem__)
+        self._streams = threading.local()
 
     def __len__(self) -> int:
         return self.length
@@ -222,11 +230,44 @@ class SceneWorld:
     def __iter__(self) -> Iterator[Scene]:
         return (self[i] for i in range(self.length))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started by "spawn" receive a pickled copy: leave the per-thread
+        # generators behind (they are rebuilt on first use)
+        state = self.__dict__.copy()
+        del state["_streams"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._streams = threading.local()
+
     def __getitem__(self, index: int) -> Scene:
+        index = int(index)
         if index < 0:
             raise IndexError("scene indices are non-negative")
-        rng = np.random.default_rng([self.seed, int(index)])
-        return self.draw(index, rng)
+        return self.draw(index, self.stream(index))
+
+    def stream(self, index: int) -> np.random.Generator:
+        """The random stream of scene ``index``: Philox keyed by the seed, counter ``(0, 0, index, 0)``.
+
+        Streams of different scenes never overlap (a scene would need 2**128 draws to reach the
+        next one). The generator object is reused per thread: draw from it before asking for the
+        next scene's stream.
+        """
+        generator = getattr(self._streams, "generator", None)
+        if generator is None:
+            generator = np.random.Generator(np.random.Philox(key=[self.seed, _PHILOX_DOMAIN]))
+            self._streams.generator = generator
+            self._streams.key = generator.bit_generator.state["state"]["key"]
+        generator.bit_generator.state = {
+            "bit_generator": "Philox",
+            "state": {"counter": np.array([0, 0, index, 0], np.uint64), "key": self._streams.key},
+            "buffer": _EMPTY_PHILOX_BUFFER,
+            "buffer_pos": 4,
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        return generator
 
     # -- drawing ---------------------------------------------------------------------------------
     def draw(
@@ -238,46 +279,64 @@ class SceneWorld:
     ) -> Scene:
         """Draw one scene from ``rng``. ``objects`` ((shape, colour, (size name, diameter)), in
         painting order) and the background ``tint`` replace the random choices when given: derived
-        tasks (``mmelkit.datasets.shortcut``) control them."""
+        tasks (``mmelkit.datasets.shortcut``) control them.
+
+        All of the scene's scalar choices come from one block of uniforms (one call into numpy
+        instead of dozens); each object then draws its candidate positions in one more call.
+        """
         cfg = self.config
         size = cfg.image_size
+        # 7 scene-level uniforms (object count, then 6 for the background), then 4 per object
+        # (colour-shape, size, size jitter, shade)
+        head = _SCENE_UNIFORMS
+        uniforms = rng.random(head + 4 * (cfg.max_objects if objects is None else len(objects))).tolist()
         if objects is None:
-            objects = self._choose_objects(int(rng.integers(cfg.min_objects, cfg.max_objects + 1)), rng)
-        image, kind, tint = self._background(rng, tint)
+            count = cfg.min_objects + _pick(uniforms[0], cfg.max_objects - cfg.min_objects + 1)
+            objects = self._choose_objects(count, uniforms[head:])
+        image, kind, tint = self._background(uniforms[1:head], tint)
         self._add_clutter(image, rng)
         placed: list[SceneObject] = []
         stamps: list[tuple[tuple[slice, slice], np.ndarray, int]] = []  # (box, local mask, area)
+        tight_boxes: list[tuple[int, int, int, int]] = []  # of each full stamp, in image coordinates
         occupied = np.full((size, size), -1, np.int16)  # index of the object on top at each pixel
-        for shape, colour, (size_name, diameter) in objects:
+        overlapped = False
+        jitter = 2 * cfg.colour_jitter + 1
+        for k, (shape, colour, (size_name, diameter)) in enumerate(objects):
             placement = self._place(shape, diameter, occupied, stamps, rng)
             if placement is None:
                 continue  # crowded scene: fewer objects than asked rather than heavy overlap
-            center, box, local = placement
-            shade = int(rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1))
-            image[box][local] = tuple(min(255, max(0, c + shade)) for c in COLOURS[colour])
-            occupied[box][local] = len(placed)
-            stamps.append((box, local, int(local.sum())))
+            center, box, local, tight, covers = placement
+            overlapped |= covers
+            shade = _pick(uniforms[head + 4 * k + 3], jitter) - cfg.colour_jitter
+            paint = np.frombuffer(bytes(min(255, max(0, c + shade)) for c in COLOURS[colour]), np.uint8)
+            # copyto with a mask is several times faster than boolean-index assignment here
+            np.copyto(image[box], paint, where=local[:, :, None])
+            np.copyto(occupied[box], len(placed), where=local)
+            stamps.append((box, local, np.count_nonzero(local)))
+            tight_boxes.append(tight)
             placed.append(SceneObject(shape, colour, size_name, center, diameter))
         # Visible masks: an object is what remains on top in the occupancy map.
         masks = occupied[None] == np.arange(len(placed), dtype=np.int16)[:, None, None]
-        boxes = _boxes(masks)
+        # Without any overlap every object is fully visible and its box is its stamp's box.
+        boxes = _boxes(masks) if overlapped else np.array(tight_boxes, np.int64).reshape(-1, 4)
         scene = Scene(index, image, placed, masks, boxes, [], kind, tint)
         scene.captions = make_captions(scene, cfg)
         return scene
 
-    def _choose_objects(self, count: int, rng: np.random.Generator) -> list[tuple[str, str, tuple[str, int]]]:
+    def _choose_objects(self, count: int, uniforms: list[float]) -> list[tuple[str, str, tuple[str, int]]]:
+        """``count`` objects from 4 uniforms each: colour-shape pair (without replacement when
+        objects are unique), size class, size jitter; the 4th (shade) is used when painting."""
         cfg = self.config
-        num_pairs = len(cfg.shapes) * len(cfg.colours)
-        if cfg.unique_objects:
-            codes = rng.permutation(num_pairs)[:count]
-        else:
-            codes = rng.integers(0, num_pairs, size=count)
-        sizes = rng.integers(0, len(cfg.sizes), size=count)
-        jitter = rng.integers(-cfg.size_jitter, cfg.size_jitter + 1, size=count)
+        num_colours = len(cfg.colours)
+        pool = list(range(len(cfg.shapes) * num_colours))
+        jitter = 2 * cfg.size_jitter + 1
         chosen = []
-        for code, size_index, j in zip(codes.tolist(), sizes.tolist(), jitter.tolist(), strict=True):
-            name, px = cfg.sizes[size_index]
-            chosen.append((cfg.shapes[code // len(cfg.colours)], cfg.colours[code % len(cfg.colours)], (name, px + j)))
+        for k in range(count):
+            u_code, u_size, u_jitter = uniforms[4 * k : 4 * k + 3]
+            code = pool.pop(_pick(u_code, len(pool))) if cfg.unique_objects else _pick(u_code, len(pool))
+            name, px = cfg.sizes[_pick(u_size, len(cfg.sizes))]
+            diameter = px + _pick(u_jitter, jitter) - cfg.size_jitter
+            chosen.append((cfg.shapes[code // num_colours], cfg.colours[code % num_colours], (name, diameter)))
         return chosen
 
     def _place(
@@ -287,51 +346,78 @@ class SceneWorld:
         occupied: np.ndarray,
         stamps: list[tuple[tuple[slice, slice], np.ndarray, int]],
         rng: np.random.Generator,
-    ) -> tuple[tuple[float, float], tuple[slice, slice], np.ndarray] | None:
+    ) -> tuple[tuple[float, float], tuple[slice, slice], np.ndarray, tuple[int, int, int, int], bool] | None:
+        """The first of ``placement_tries`` uniform positions where the new object and every earlier
+        one each keep all but ``max_overlap`` of their area: (centre, box, local mask, tight box,
+        whether it covers anything), or None."""
         cfg = self.config
         radius = diameter / 2
-        low, high = radius, cfg.image_size - radius
-        centres = rng.uniform(low, high, size=(cfg.placement_tries, 2))
-        for cx, cy in centres.tolist():
-            box, local = self._shape_mask(shape, cx, cy, radius)
-            area = int(local.sum())
+        span = cfg.image_size - diameter
+        for u, v in rng.random((cfg.placement_tries, 2)).tolist():
+            # centres on the 1/8-pixel grid, within [radius, image_size - radius)
+            cx = radius + math.floor(u * span * _SUBPIXELS) / _SUBPIXELS
+            cy = radius + math.floor(v * span * _SUBPIXELS) / _SUBPIXELS
+            box, local, tight = self._stamp(shape, cx, cy, radius)
+            area = np.count_nonzero(local)
             if area == 0:
                 continue
-            covered = occupied[box][local]
+            under = occupied[box]
+            if under.max() < 0:
+                return (cx, cy), box, local, tight, False  # free ground: the common case
+            covered = under[local]
             covered = covered[covered >= 0]
             if covered.size:
                 shared = np.bincount(covered).tolist()
                 # neither the new object nor an earlier one may lose more than max_overlap of itself
                 if any(n > cfg.max_overlap * min(area, stamps[k][2]) for k, n in enumerate(shared)):
                     continue
-            return (cx, cy), box, local
+            return (cx, cy), box, local, tight, bool(covered.size)
         return None
 
-    def _shape_mask(self, shape: str, cx: float, cy: float, radius: float) -> tuple[tuple[slice, slice], np.ndarray]:
+    def _stamp(
+        self, shape: str, cx: float, cy: float, radius: float
+    ) -> tuple[tuple[slice, slice], np.ndarray, tuple[int, int, int, int]]:
+        """The shape centred at (cx, cy) on the 1/8-pixel grid, cropped to the image: (box, local
+        mask, tight box (x1, y1, x2, y2) of the cropped mask)."""
         size = self.config.image_size
-        top, bottom = max(0, int(cy - radius) - 1), min(size, int(cy + radius) + 2)
-        left, right = max(0, int(cx - radius) - 1), min(size, int(cx + radius) + 2)
-        u = (self._cols[:, left:right] - cx) / radius  # (1, w)
-        v = (self._rows[top:bottom] - cy) / radius  # (h, 1)
-        return (slice(top, bottom), slice(left, right)), SHAPES[shape](u, v)
+        whole_x, whole_y = math.floor(cx), math.floor(cy)
+        mask, (top_offset, left_offset, tight) = _canonical_stamp(shape, radius, cx - whole_x, cy - whole_y)
+        top, left = whole_y + top_offset, whole_x + left_offset
+        bottom, right = top + mask.shape[0], left + mask.shape[1]
+        if top >= 0 and left >= 0 and bottom <= size and right <= size:
+            x1, y1, x2, y2 = tight
+            return (slice(top, bottom), slice(left, right)), mask, (x1 + left, y1 + top, x2 + left, y2 + top)
+        crop = mask[max(0, -top) : mask.shape[0] - max(0, bottom - size), max(0, -left) : mask.shape[1] - max(0, right - size)]
+        top, left = max(0, top), max(0, left)
+        box = (slice(top, top + crop.shape[0]), slice(left, left + crop.shape[1]))
+        return box, crop, tuple(_boxes(crop[None])[0] + [left, top, left, top])  # type: ignore[return-value]
+
+    def _shape_mask(self, shape: str, cx: float, cy: float, radius: float) -> tuple[tuple[slice, slice], np.ndarray]:
+        """(box, local mask) of a shape placed by the generator (centre on the 1/8-pixel grid)."""
+        box, local, _ = self._stamp(shape, cx, cy, radius)
+        return box, local
 
     def _background(
-        self, rng: np.random.Generator, tint: tuple[int, int, int] | None = None
+        self, uniforms: list[float], tint: tuple[int, int, int] | None = None
     ) -> tuple[np.ndarray, str, tuple[int, int, int]]:
+        """A textured or noisy background from 6 uniforms: kind, pattern (one of the bank's
+        textures in one of 8 orientations), base grey and a tint per channel."""
         cfg = self.config
-        kind = cfg.backgrounds[int(rng.integers(0, len(cfg.backgrounds)))]
-        draws = rng.integers(0, 1 << 30, size=5).tolist()
-        base = 95 + draws[0] % 56
+        u_kind, u_pattern, u_base, *u_tint = uniforms
+        kind = cfg.backgrounds[_pick(u_kind, len(cfg.backgrounds))]
+        base = 95 + _pick(u_base, 56)
         if tint is None:
-            tint = tuple(d % 25 - 12 for d in draws[1:4])
+            tint = tuple(_pick(u, 25) - 12 for u in u_tint)
         elif max(abs(t) for t in tint) > 30:
             raise ValueError(f"background tint {tint} must stay within +-30 per channel")
         bank = self._textures[kind]
-        texture = bank[draws[4] % len(bank)]
-        # textures are bounded to +-60, base + tint to [65, 180]: the sum stays in 0..255
-        image = np.empty(texture.shape, np.uint8)
-        np.add(texture, np.array([base + t for t in tint], np.int16), out=image, casting="unsafe")
-        return image, kind, tint  # type: ignore[return-value]
+        texture = bank[_pick(u_pattern, len(bank))]
+        # Textures are stored shifted by +60 (so 0..120, uint8) and base + tint lies in [65, 180]:
+        # adding base + tint - 60 stays within 5..240, so plain uint8 addition is exact. The offset
+        # image is built from bytes: numpy broadcasts a length-3 axis slowly.
+        pixel = bytes(base + t - _TEXTURE_SHIFT for t in tint)
+        offset = np.frombuffer(pixel * (texture.shape[0] * texture.shape[1]), np.uint8).reshape(texture.shape)
+        return texture + offset, kind, tint  # type: ignore[return-value]
 
     def _add_clutter(self, image: np.ndarray, rng: np.random.Generator) -> None:
         """Thin grey strokes: visual distractors that no caption names."""
@@ -345,6 +431,39 @@ class SceneWorld:
             image[ys, xs] = grey
 
 
+_SCENE_UNIFORMS = 7  # uniforms a scene draws before its objects' (see SceneWorld.draw)
+_SUBPIXELS = 8  # object centres lie on a 1/8-pixel grid
+_MARGIN = 2  # canonical stamps put their centre's whole part at int(radius) + _MARGIN: never cropped
+_PHILOX_DOMAIN = 0x5CE4E  # second key word: separates scene streams from other Philox users
+_EMPTY_PHILOX_BUFFER = np.zeros(4, np.uint64)
+
+
+def _pick(u: float, n: int) -> int:
+    """An index uniform in range(n) from a uniform u in [0, 1) (guarding the float edge)."""
+    return min(n - 1, int(u * n))
+
+
+@functools.lru_cache(maxsize=16384)
+def _canonical_stamp(
+    shape: str, radius: float, fx: float, fy: float
+) -> tuple[np.ndarray, tuple[int, int, tuple[int, int, int, int]]]:
+    """The rasterised shape of ``radius`` centred at ``(c + fx, c + fy)`` with ``c = int(radius) +
+    _MARGIN`` (so nothing is cropped), as (mask, (top - c, left - c, tight box within the mask)): a
+    centre ``(X + fx, Y + fy)`` puts the mask's corner at ``(Y + top - c, X + left - c)``. Read-only:
+    the cache shares it."""
+    c = int(radius) + _MARGIN
+    cx, cy = c + fx, c + fy
+    top, bottom = int(cy - radius) - 1, int(cy + radius) + 2
+    left, right = int(cx - radius) - 1, int(cx + radius) + 2
+    # pixel centres relative to the shape's centre, in units of the radius
+    u = (np.arange(left, right, dtype=np.float64)[None, :] + 0.5 - cx) / radius
+    v = (np.arange(top, bottom, dtype=np.float64)[:, None] + 0.5 - cy) / radius
+    mask = np.ascontiguousarray(SHAPES[shape](u, v))
+    mask.setflags(write=False)
+    x1, y1, x2, y2 = _boxes(mask[None])[0].tolist()
+    return mask, (top - c, left - c, (x1, y1, x2, y2))
+
+
 def collate_scenes(scenes: list[Scene]) -> dict[str, object]:
     """``DataLoader(world, batch_size=..., collate_fn=collate_scenes)``: images stacked into a uint8
     tensor (N, 3, H, W); the scenes themselves (masks, captions, ...) kept as a list."""
@@ -354,8 +473,12 @@ def collate_scenes(scenes: list[Scene]) -> dict[str, object]:
     return {"images": images, "scenes": scenes}
 
 
+_TEXTURE_SHIFT = 60  # textures lie in +-60 and are stored as uint8 with this offset added
+
+
 def _texture_bank(size: int, rng: np.random.Generator, count: int = 16) -> dict[str, np.ndarray]:
-    """Zero-mean background patterns (int16), drawn once per world and reused with random shifts."""
+    """Background patterns drawn once per world: zero-mean in -60..60, stored as uint8 shifted by
+    ``_TEXTURE_SHIFT``; each scene picks one of them and one of its 8 orientations."""
     noise = rng.normal(0, 14, size=(count, size, size, 3)).astype(np.int16)
     rows, cols = np.mgrid[0:size, 0:size]
     textures = []
@@ -367,11 +490,11 @@ def _texture_bank(size: int, rng: np.random.Generator, count: int = 16) -> dict[
         textures.append(pattern.astype(np.int16))
     bank = {"noise": noise, "texture": np.stack(textures), "plain": np.zeros((1, size, size, 3), np.int16)}
     # 8 orientations of each pattern (flips and a transpose): variety without seams
-    bank = {
-        kind: np.concatenate([np.ascontiguousarray(o) for o in _orientations(t)]).clip(-60, 60)
+    return {
+        kind: (np.concatenate([np.ascontiguousarray(o) for o in _orientations(t)]).clip(-60, 60) + _TEXTURE_SHIFT)
+        .astype(np.uint8)
         for kind, t in bank.items()
     }
-    return bank
 
 
 def _orientations(t: np.ndarray) -> list[np.ndarray]:
@@ -386,7 +509,7 @@ def _boxes(masks: np.ndarray) -> np.ndarray:
     y1, x1 = rows.argmax(axis=1), cols.argmax(axis=1)
     y2, x2 = height - rows[:, ::-1].argmax(axis=1), width - cols[:, ::-1].argmax(axis=1)
     boxes = np.stack([x1, y1, x2, y2], axis=1).astype(np.int64).reshape(-1, 4)
-    boxes[~rows.any(axis=1)] = 0  # fully hidden: cannot happen while max_overlap < 1
+    boxes[~rows.any(axis=1)] = 0  # fully hidden (possible only with max_overlap 1)
     return boxes
 
 

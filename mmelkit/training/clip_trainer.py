@@ -51,6 +51,9 @@ class ClipTrainConfig:
     log_every: int = 25
     workers: int = 1
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; or "fp32" / "bf16"
+    # start from these weights (a .safetensors export or a run's last.pt) instead of init_seed:
+    # continued training, e.g. of the shipped model on fresh scenes at a lower learning rate
+    init_from: str | None = None
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed (not steps: a run may be extended)."""
@@ -124,7 +127,24 @@ class TokenCache:
 def build_model(config: ClipTrainConfig) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed)
-        return open_clip.CLIP(**config.model)
+        model = open_clip.CLIP(**config.model)
+    if config.init_from is not None:
+        model.load_state_dict(load_weights(config.init_from))
+    return model
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from a ``.safetensors`` export or a training checkpoint (``last.pt``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return {key: value.float() for key, value in state.items()}
 
 
 def train_clip(
