@@ -4,6 +4,9 @@
   training pairs).
 * ``mmelkit.methods.token``: model-level, token-granularity maps (Grad-ECLIP, raw attention,
   attention rollout, generic attention, Grad-CAM).
+* ``mmelkit.methods.text``: the text side of a pair, scores over its tokens and words
+  (Grad-ECLIP text side, Integrated Gradients over token embeddings, leave-one-word-out); they
+  return a :class:`~mmelkit.methods.base.TextExplanation`.
 
 ``explain(model, images, texts, method=...)`` runs any registered method; ``list_methods()``
 tabulates them with their place in the taxonomy.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmelkit.methods import architecture, perturbation, token  # noqa: F401  (importing registers the methods)
+from mmelkit.methods import architecture, perturbation, text, token  # noqa: F401  (importing registers the methods)
 from mmelkit.methods.base import REGISTRY, Explanation, Method, get_method
 from mmelkit.models.adapter import ClipAdapter, TextLike
 

@@ -8,6 +8,7 @@ is an error, never a silent truncation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -131,3 +132,154 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def paired_cosine(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     """cos(f_I, f_T) per pair; ``image_features`` unnormalised, ``text_features`` unit length."""
     return (F.normalize(image_features, dim=-1) * text_features).sum(dim=-1)
+
+
+# -- text side --------------------------------------------------------------------------------------
+# CLIP's BPE (open_clip's SimpleTokenizer and Hugging Face's CLIPTokenizer alike) closes every word
+# with "</w>"; SentencePiece and GPT-2 style vocabularies mark a word's first piece instead.
+END_OF_WORD = "</w>"
+_START_OF_WORD = ("\u2581", "\u0120")  # SentencePiece's "▁", GPT-2's "Ġ"
+_START_OF_TEXT = frozenset({"<start_of_text>", "<|startoftext|>", "<s>", "[CLS]"})
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Character -> byte of the table byte-level BPE vocabularies use: printable Latin-1 bytes stand
+    for themselves, the other bytes get the characters from U+0100 on, in byte order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table: dict[str, int] = {}
+    shifted = 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(0x100 + shifted)] = byte
+            shifted += 1
+    return table
+
+
+def readable_token(piece: str) -> str:
+    """A vocabulary string made readable: byte-level characters decoded, ``</w>`` stripped."""
+    piece = piece.removesuffix(END_OF_WORD)
+    decoder = _byte_decoder()
+    if piece and all(c in decoder for c in piece):
+        piece = bytes(decoder[c] for c in piece).decode("utf-8", errors="replace")
+    return piece.replace("\u2581", " ").strip() or piece
+
+
+@dataclass
+class TextLayout:
+    """Which token positions of each text are explained, and how they group into words.
+
+    ``pieces`` per text the vocabulary strings of positions 0..EOS (inclusive); ``content`` (N, L)
+    bool on the tokens' device, True at the explained positions: the tokens strictly between
+    start-of-text and end-of-text (padding and the special tokens are never explained);
+    ``words`` per text the readable words; ``word_positions`` per text and word the positions of its
+    BPE pieces.
+    """
+
+    pieces: list[list[str]]
+    content: torch.Tensor
+    words: list[list[str]]
+    word_positions: list[list[list[int]]]
+
+
+def _group_words(pieces: list[str], positions: list[int]) -> tuple[list[str], list[list[int]]]:
+    words: list[str] = []
+    groups: list[list[int]] = []
+    current: list[int] = []
+
+    def close() -> None:
+        if current:
+            groups.append(list(current))
+            words.append(readable_token("".join(pieces[p].removesuffix(END_OF_WORD) for p in current)))
+            current.clear()
+
+    for position in positions:
+        piece = pieces[position]
+        if piece.startswith(_START_OF_WORD):
+            close()
+        current.append(position)
+        if piece.endswith(END_OF_WORD):
+            close()
+    close()
+    return words, groups
+
+
+def text_layout(model: ClipAdapter, tokens: TextTokens) -> TextLayout:
+    """The explained positions and the words of tokenised texts (see :class:`TextLayout`)."""
+    strings = model.token_strings(tokens)
+    eos = tokens.eos_index.tolist()
+    mask = tokens.attention_mask.tolist()
+    content = torch.zeros(tokens.ids.shape, dtype=torch.bool)
+    pieces, words, word_positions = [], [], []
+    for row, (row_strings, end, row_mask) in enumerate(zip(strings, eos, mask, strict=True)):
+        start = 1 if row_strings and row_strings[0] in _START_OF_TEXT else 0
+        positions = [j for j in range(start, end) if row_mask[j]]
+        content[row, positions] = True
+        row_words, row_groups = _group_words(row_strings, positions)
+        pieces.append(row_strings[: end + 1])
+        words.append(row_words)
+        word_positions.append(row_groups)
+    return TextLayout(pieces, content.to(tokens.ids.device), words, word_positions)
+
+
+@dataclass
+class TextExplanation:
+    """Scores over the tokens of each text (the text side of a pair), on the model's device.
+
+    ``scores`` (N, L): one score per token position, zero outside the explained tokens (the ones
+    strictly between start- and end-of-text; see :class:`TextLayout`). Whether scores are signed or
+    normalised depends on the method (its docstring says). ``tokens`` per pair the readable token
+    strings of positions 0..EOS; ``word_strings`` / ``word_scores`` per pair the words and their
+    scores, a word's score being the sum of its BPE pieces' scores; ``word_positions`` the pieces'
+    positions. ``method``, ``params`` and ``texts`` say what was explained and how.
+    """
+
+    scores: torch.Tensor
+    tokens: list[list[str]]
+    word_strings: list[list[str]]
+    word_scores: list[torch.Tensor]
+    word_positions: list[list[list[int]]]
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    texts: list[str] | None = None
+
+    @classmethod
+    def from_scores(
+        cls, layout: TextLayout, scores: torch.Tensor, method: str, params: dict[str, Any], texts: list[str] | None
+    ) -> TextExplanation:
+        """Wrap token scores (N, L): zero them outside the explained tokens and sum words' pieces."""
+        scores = torch.where(layout.content, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+        word_scores = []
+        for row, groups in enumerate(layout.word_positions):
+            if not groups:
+                word_scores.append(scores.new_zeros(0))
+                continue
+            index = torch.tensor([w for w, group in enumerate(groups) for _ in group], device=scores.device)
+            positions = torch.tensor([p for group in groups for p in group], device=scores.device)
+            word_scores.append(scores.new_zeros(len(groups)).index_add_(0, index, scores[row, positions]))
+        tokens = [[readable_token(piece) for piece in row] for row in layout.pieces]
+        return cls(scores, tokens, layout.words, word_scores, layout.word_positions, method, params, texts)
+
+    def __len__(self) -> int:
+        return self.scores.shape[0]
+
+    def words(self, n: int = 0) -> list[tuple[str, float]]:
+        """Pair ``n``'s words with their scores, in text order."""
+        return list(zip(self.word_strings[n], self.word_scores[n].tolist(), strict=True))
+
+    def to_frame(self) -> Any:
+        """A pandas DataFrame, one row per token position 0..EOS of each pair: pair, position, token,
+        word (``None`` for start/end/padding tokens, which are not explained) and score."""
+        import pandas as pd
+
+        scores = self.scores.detach().float().cpu().tolist()
+        rows = []
+        for pair, tokens in enumerate(self.tokens):
+            groups = self.word_positions[pair]
+            word_of = {p: self.word_strings[pair][w] for w, group in enumerate(groups) for p in group}
+            for position, token in enumerate(tokens):
+                rows.append({"pair": pair, "position": position, "token": token, "word": word_of.get(position),
+                             "score": scores[pair][position]})
+        return pd.DataFrame(rows, columns=["pair", "position", "token", "word", "score"])

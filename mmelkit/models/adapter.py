@@ -221,3 +221,36 @@ class ClipAdapter:
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.backend.logit_scale
+
+    # -- text tokens as strings and as embeddings (text-side explanations) ---------------------------
+    def token_strings(self, texts: TextLike) -> list[list[str]]:
+        """Each text's tokens as vocabulary strings, all L positions (padding included).
+
+        CLIP's BPE gives byte-level characters with ``</w>`` closing each word, for both families;
+        :func:`mmelkit.methods.base.readable_token` turns them into display text."""
+        return self.backend.token_strings(self.as_tokens(texts).ids)
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id the tokenizer pads with."""
+        return self.backend.pad_token_id
+
+    def token_embeddings(self, texts: TextLike) -> torch.Tensor:
+        """Input embeddings of the texts' tokens (N, L, D), before position embeddings."""
+        return self.backend.token_embeddings(self.as_tokens(texts))
+
+    def encode_text_from_embeddings(
+        self, embeddings: torch.Tensor, texts: TextLike, normalize: bool = True
+    ) -> torch.Tensor:
+        """Text embeddings (N, E) from token embeddings (N, L, D) in place of the ids' own.
+
+        ``texts`` (their token ids) still decide pooling and the padding mask; with
+        ``embeddings = token_embeddings(texts)`` this equals :meth:`encode_text`. Differentiable
+        with respect to ``embeddings`` (Integrated Gradients over tokens uses this)."""
+        tokens = self.as_tokens(texts)
+        if embeddings.dim() != 3 or tuple(embeddings.shape[:2]) != tuple(tokens.ids.shape):
+            raise ValueError(
+                f"embeddings must be (N, L, D) with (N, L) = {tuple(tokens.ids.shape)}; got {tuple(embeddings.shape)}"
+            )
+        features = self.backend.encode_text_from_embeddings(embeddings.to(self.device), tokens)
+        return F.normalize(features, dim=-1) if normalize else features

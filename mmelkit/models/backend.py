@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,41 @@ class ClipBackend(ABC):
     @property
     @abstractmethod
     def logit_scale(self) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _token_embedding(self) -> nn.Module:
+        """The text tower's token embedding table."""
+
+    # -- shared: text-side methods that differentiate through the token embeddings ------------------
+    def token_embeddings(self, tokens: TextTokens) -> torch.Tensor:
+        """Input embeddings of the tokens (N, L, D), before position embeddings."""
+        return self._token_embedding()(tokens.ids)
+
+    def encode_text_from_embeddings(self, embeddings: torch.Tensor, tokens: TextTokens) -> torch.Tensor:
+        """The text tower run on given token embeddings (N, L, D) instead of the table's rows for
+        ``tokens.ids``; ``tokens`` still decides pooling and masks. (N, E), unnormalised.
+
+        The model's own forward runs with the embedding table's output replaced for this call, so
+        position embeddings, the causal and padding masks and pooling are exactly the usual ones."""
+        with _replaced_output(self._token_embedding(), embeddings):
+            return self.encode_tokens(tokens)
+
+
+@contextmanager
+def _replaced_output(module: nn.Module, replacement: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``module`` returns ``replacement`` (same shape) instead of its output."""
+
+    def replace(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if output.shape != replacement.shape:
+            raise ValueError(f"embeddings of shape {tuple(replacement.shape)} do not fit token ids giving "
+                             f"{tuple(output.shape)}")
+        return replacement.to(output.dtype)
+
+    handle = module.register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def interpolate_position_embedding(

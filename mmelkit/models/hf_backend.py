@@ -98,3 +98,25 @@ class HFClipBackend(ClipBackend):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
+
+    # -- text tokens as strings and as embeddings ----------------------------------------------
+    def token_strings(self, ids: torch.Tensor) -> list[list[str]]:
+        """Vocabulary strings of token ids (N, L), as the tokenizer stores them (CLIP BPE: byte-level
+        characters, ``</w>`` closing a word)."""
+        rows = ids.tolist()
+        if self._bpe is not None:
+            return [[self._bpe.decoder.get(i, f"<{i}>") for i in row] for row in rows]
+        return [list(self.tokenizer.convert_ids_to_tokens(row)) for row in rows]
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id the tokenizer pads with."""
+        if self._bpe is not None:
+            return 0  # open_clip's SimpleTokenizer pads with 0
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = self.model.config.text_config.pad_token_id
+        return int(pad or 0)
+
+    def _token_embedding(self) -> nn.Module:
+        return self.model.text_model.embeddings.token_embedding

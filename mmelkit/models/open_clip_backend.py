@@ -141,3 +141,27 @@ class OpenClipBackend(ClipBackend):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
+
+    # -- text tokens as strings and as embeddings ----------------------------------------------
+    def token_strings(self, ids: torch.Tensor) -> list[list[str]]:
+        """Vocabulary strings of token ids (N, L), as the tokenizer stores them (CLIP BPE: byte-level
+        characters, ``</w>`` closing a word)."""
+        rows = ids.tolist()
+        decoder = getattr(self.tokenizer, "decoder", None)
+        if isinstance(decoder, dict):  # open_clip's SimpleTokenizer
+            return [[decoder.get(i, f"<{i}>") for i in row] for row in rows]
+        inner = getattr(self.tokenizer, "tokenizer", self.tokenizer)  # open_clip's HFTokenizer wraps one
+        if hasattr(inner, "convert_ids_to_tokens"):
+            return [list(inner.convert_ids_to_tokens(row)) for row in rows]
+        raise NotImplementedError(f"cannot turn ids back into strings with a {type(self.tokenizer).__name__}")
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id the tokenizer pads with."""
+        return int(getattr(self._text_module(), "pad_id", 0) or 0)
+
+    def _token_embedding(self) -> nn.Module:
+        module = getattr(self._text_module(), "token_embedding", None)
+        if module is None:
+            raise NotImplementedError("this open_clip text tower has no token embedding table")
+        return module

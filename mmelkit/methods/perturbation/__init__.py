@@ -1,5 +1,6 @@
 """Data-level input perturbation: occlude or mask the image, rescore, attribute the change."""
 
 from mmelkit.methods.perturbation.occlusion import Occlusion
+from mmelkit.methods.perturbation.rise import RISE
 
-__all__ = ["Occlusion"]
+__all__ = ["RISE", "Occlusion"]

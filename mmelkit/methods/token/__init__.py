@@ -3,7 +3,10 @@
 from mmelkit.methods.token.generic_attention import GenericAttention
 from mmelkit.methods.token.grad_cam import GradCAM
 from mmelkit.methods.token.grad_eclip import GradECLIP
+from mmelkit.methods.token.integrated_gradients import IntegratedGradients
+from mmelkit.methods.token.mmel import MMEL, LayerWeights, MMELSteps
 from mmelkit.methods.token.raw_attention import RawAttention
 from mmelkit.methods.token.rollout import AttentionRollout
+from mmelkit.methods.token.smoothgrad import SmoothGrad
 
-__all__ = ["AttentionRollout", "GenericAttention", "GradCAM", "GradECLIP", "RawAttention"]
+__all__ = ["MMEL", "AttentionRollout", "GenericAttention", "GradCAM", "GradECLIP", "IntegratedGradients", "LayerWeights", "MMELSteps", "RawAttention", "SmoothGrad"]

@@ -1,0 +1,67 @@
+"""The pointing game: closed-form cases, the tolerance, and the scene-world study and command."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmelkit
+from mmelkit.cli import main
+from mmelkit.metrics import pointing_game, scene_pointing_game
+from mmelkit.metrics.localisation import grow_masks
+
+
+def test_pointing_game_closed_form() -> None:
+    masks = torch.zeros(3, 10, 10, dtype=torch.bool)
+    masks[:, 2:4, 2:4] = True
+    maps = torch.zeros(3, 10, 10)
+    maps[0, 3, 3] = 1.0  # on the mask
+    maps[1, 8, 8] = 1.0  # far away
+    maps[2, 3, 6] = 1.0  # 3 px right of the mask's edge (column 3)
+    assert pointing_game(maps, masks).tolist() == [True, False, False]
+    assert pointing_game(maps, masks, tolerance=3).tolist() == [True, False, True]
+    assert pointing_game(maps, masks, tolerance=2).tolist() == [True, False, False]
+    # a constant map points at the first pixel: a hit only if the mask covers it
+    assert pointing_game(torch.ones(3, 10, 10), masks).tolist() == [False] * 3
+
+
+def test_grown_masks_are_discs() -> None:
+    mask = torch.zeros(1, 9, 9, dtype=torch.bool)
+    mask[0, 4, 4] = True
+    grown = grow_masks(mask, 2)[0]
+    rows, cols = torch.meshgrid(torch.arange(9), torch.arange(9), indexing="ij")
+    assert torch.equal(grown, (rows - 4) ** 2 + (cols - 4) ** 2 <= 4)
+
+
+def test_bad_inputs() -> None:
+    masks = torch.ones(2, 4, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="must both be"):
+        pointing_game(torch.zeros(2, 4, 5), masks)
+    with pytest.raises(ValueError, match="NaN"):
+        pointing_game(torch.full((2, 4, 4), float("nan")), masks)
+    with pytest.raises(ValueError, match="at least one pixel"):
+        pointing_game(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="tolerance"):
+        pointing_game(torch.zeros(2, 4, 4), masks, tolerance=-1)
+
+
+def test_scene_study_reports_methods_chance_and_failures() -> None:
+    torch.set_num_threads(1)
+    model = mmelkit.load_model("scene-clip", device="cpu")
+    study = scene_pointing_game(model, ["grad_eclip", "rise"], num_scenes=12, objects=(1, 2), progress=False,
+                                method_params={"rise": {"masks": 0}})
+    table = study.table
+    assert list(table.index) == ["grad_eclip", "rise", "random (chance)"]
+    assert 0.0 <= table.loc["grad_eclip", "all"] <= 1.0
+    assert "masks" in table.loc["rise", "error"]  # the failure is reported, not dropped
+    assert table.loc["random (chance)", "all"] < 0.3
+    hits = study.samples[study.samples["method"] == "grad_eclip"]
+    assert len(hits) == 12 and set(hits["objects"]) <= {1, 2}
+
+
+def test_pointing_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "pointing", "--methods", "raw_attention", "--scenes", "4", "--quiet",
+                 "--device", "cpu"]) == 0
+    assert "raw_attention" in capsys.readouterr().out
+    assert main(["eval", "pointing", "--methods", "nope", "--quiet"]) == 2
+    assert main(["eval", "pointing", "--objects", "x", "--quiet"]) == 2
