@@ -65,3 +65,15 @@ def test_pointing_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "raw_attention" in capsys.readouterr().out
     assert main(["eval", "pointing", "--methods", "nope", "--quiet"]) == 2
     assert main(["eval", "pointing", "--objects", "x", "--quiet"]) == 2
+
+
+@pytest.mark.parametrize("method", ["grad_eclip", "mmel", "generic_attention", "occlusion"])
+def test_methods_point_at_the_named_object_on_scene_clip(method: str) -> None:
+    # The oracle here is the scene world itself: the embedded model names single objects almost
+    # perfectly, so a faithful map must peak on the one object there is. Measured on 200 scenes
+    # (mmelkit eval pointing --objects 1-1): 86-98%; 40 scenes at 75% leave room for sampling.
+    torch.set_num_threads(1)
+    model = mmelkit.load_model("scene-clip", device="cpu")
+    study = scene_pointing_game(model, [method], num_scenes=40, objects=(1, 1), progress=False)
+    assert study.table.loc[method, "all"] >= 0.75
+    assert study.table.loc["random (chance)", "all"] < 0.2

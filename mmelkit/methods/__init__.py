@@ -2,14 +2,18 @@
 
 * ``mmelkit.methods.data``: data-level interpretability (counterfactual captions, nearest
   training pairs).
-* ``mmelkit.methods.token``: model-level, token-granularity maps (Grad-ECLIP, raw attention,
-  attention rollout, generic attention, Grad-CAM).
+* ``mmelkit.methods.perturbation``: data-level input perturbation maps (occlusion, RISE).
+* ``mmelkit.methods.token``: model-level, token-granularity maps (Grad-ECLIP, MMEL, raw
+  attention, attention rollout, generic attention, Grad-CAM, Integrated Gradients, SmoothGrad).
+* ``mmelkit.methods.architecture``: model-level, architecture-granularity value-path maps
+  (MaskCLIP, CLIP Surgery).
 * ``mmelkit.methods.text``: the text side of a pair, scores over its tokens and words
   (Grad-ECLIP text side, Integrated Gradients over token embeddings, leave-one-word-out); they
   return a :class:`~mmelkit.methods.base.TextExplanation`.
 
 ``explain(model, images, texts, method=...)`` runs any registered method; ``list_methods()``
-tabulates them with their place in the taxonomy.
+tabulates them with their place in the taxonomy; :mod:`mmelkit.methods.sanity` runs the
+model-randomisation sanity check on any of them.
 """
 
 from __future__ import annotations

@@ -72,6 +72,6 @@ class Occlusion(Method):
         drops = window_drops(model, pixels, targets, windows, int(self.params["batch_size"]))
         with torch.no_grad():
             coverage = windows.sum(dim=0).clamp_min(1)  # windows covering each pixel
-            per_pixel = torch.einsum("nk,khw->nhw", drops, windows) / coverage
+            per_pixel = torch.einsum("nk,khw->nhw", drops, windows.float()) / coverage.float()
             maps = F.avg_pool2d(per_pixel[:, None], kernel_size=model.patch_size)[:, 0].clamp_min(0)
         return Explanation(normalise_maps(maps), (height, width), self.name, dict(self.params), tokens.texts)

@@ -171,7 +171,7 @@ class MMEL(Method):
             grid = records[0].grid
             per_layer = torch.stack(
                 [
-                    normalise_maps(F.relu(grad_eclip_block_map(r, g)).reshape(-1, *grid))
+                    normalise_maps(F.relu(grad_eclip_block_map(r, g)).float().reshape(-1, *grid))
                     for r, g in zip(records, grads, strict=True)
                 ],
                 dim=1,
@@ -187,7 +187,7 @@ class MMEL(Method):
                 gamma = float(params["gamma"])
                 spread = []
                 for layer, record in enumerate(records):
-                    keys = record.k[:, :, record.num_prefix_tokens :].transpose(1, 2).flatten(2)  # (N, P, D)
+                    keys = record.k[:, :, record.num_prefix_tokens :].transpose(1, 2).flatten(2).float()  # (N, P, D)
                     affinity = key_affinity(keys, float(params["tau"]), int(params["top_k"]))
                     flat = scaled[:, layer].flatten(1)  # (N, P)
                     mixed = (affinity @ flat[:, :, None])[:, :, 0]
@@ -202,7 +202,8 @@ class MMEL(Method):
                     patches = model.project_image_tokens(out_proj(values))
                 else:
                     patches = model.project_image_tokens(last.tokens_out)[:, last.num_prefix_tokens :]
-                cosine = (F.normalize(patches, dim=-1) * targets[:, None, :]).sum(dim=-1)
+                # the map arithmetic runs in fp32 whatever the model's dtype
+                cosine = (F.normalize(patches.float(), dim=-1) * targets.float()[:, None, :]).sum(dim=-1)
                 alignment = minmax_over(cosine.clamp_min(0), dim=-1).view(n, *grid)
             else:
                 alignment = torch.ones(n, *grid, device=per_layer.device, dtype=per_layer.dtype)
