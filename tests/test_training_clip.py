@@ -111,3 +111,23 @@ def test_caption_mix_is_validated() -> None:
         CaptionMix(object=-0.1)
     with pytest.raises(ValueError):
         CaptionMix(object=0.0, pair=0.0)
+
+
+def test_continued_training_starts_from_the_weights_and_keeps_the_parent_card(tmp_path: Path) -> None:
+    first = train_clip(_config(2), tmp_path / "first", device="cpu", progress=False)
+    parent = export_clip(first, out_dir=tmp_path / "models", quality={"naming": 0.5, "i2t_r1": 0.2, "t2i_r1": 0.2,
+                                                                       "relation": 0.5})
+    config = ClipTrainConfig(model=TINY, steps=2, batch_size=8, warmup_steps=1, checkpoint_every=2, workers=0,
+                             lr=0.0, data_seed=1, init_from=str(parent))
+    second = train_clip(config, tmp_path / "second", device="cpu", progress=False)
+    # lr 0: the weights are exactly the (fp16-rounded) parent's
+    exported = torch.load(first, weights_only=False)["model"]
+    for key, value in torch.load(second, weights_only=False)["model"].items():
+        torch.testing.assert_close(value, exported[key].half().float(), atol=0, rtol=0, msg=key)
+    assert (tmp_path / "second" / "parent.json").is_file()
+    export_clip(second, out_dir=tmp_path / "models")  # overwrites the parent's files
+    card = (tmp_path / "models" / "scene-clip.md").read_text()
+    assert "Stage 1 (from scratch)" in card and "Stage 2" in card and "In all 32 images" in card
+    with pytest.raises(FileNotFoundError):
+        train_clip(ClipTrainConfig(model=TINY, steps=1, init_from=str(tmp_path / "missing.safetensors"), workers=0),
+                   tmp_path / "third", device="cpu", progress=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -176,6 +177,11 @@ def train_clip(
     if start_step >= config.steps:
         return checkpoint_path
 
+    if config.init_from is not None:
+        # keep the starting model's card facts: exporting may overwrite the file they came from
+        parent_card = Path(config.init_from).with_suffix(".json")
+        if parent_card.is_file() and not (out / "parent.json").exists():
+            shutil.copyfile(parent_card, out / "parent.json")
     pairs = SceneCaptionPairs(
         default_world(config.data_seed, config.model["vision_cfg"]["image_size"]),
         CaptionMix(config.object_captions, config.pair_captions),

@@ -48,6 +48,9 @@ def export_clip(
         "quality": quality or {},
         "notes": notes or _run_notes(Path(checkpoint)),
     }
+    parent = _parent_training(Path(checkpoint))
+    if parent is not None:
+        meta["training"]["parent"] = parent
     (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / f"{name}.md").write_text(model_card(meta, weights_path.stat().st_size))
     return weights_path
@@ -57,6 +60,16 @@ def describe_hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}"
+
+
+def _parent_training(checkpoint: Path) -> dict[str, Any] | None:
+    """The training facts of the model a continued run started from (``parent.json`` beside
+    ``last.pt``, copied there by the trainer before the export could overwrite it)."""
+    path = checkpoint.parent / "parent.json"
+    if not path.is_file():
+        return None
+    parent = json.loads(path.read_text())
+    return {**parent["training"], "quality": parent.get("quality", {})}
 
 
 def _run_notes(checkpoint: Path) -> str:
@@ -94,10 +107,7 @@ def model_card(meta: dict[str, Any], size_bytes: int) -> str:
         "  names; only the unique captions of a batch are encoded)",
         "",
         "## Training",
-        f"- AdamW, lr {config['lr']}, weight decay {config['weight_decay']}, warm-up {config['warmup_steps']} "
-        f"steps, cosine decay; batch {config['batch_size']}; init seed {config['init_seed']}",
-        f"- {train['steps']} steps, {train['images_seen']:,} images, {train['seconds'] / 60:.0f} minutes on "
-        f"{train['hardware']}",
+        *_training_lines(train),
         "- reproduce: `mmelkit train clip --export` (resumable; `--device cuda` on a GPU); the figures below",
         "  come from the same command's evaluation, also available alone as `mmelkit eval clip`",
         "",
@@ -116,3 +126,31 @@ def model_card(meta: dict[str, Any], size_bytes: int) -> str:
     if meta.get("notes"):
         lines += ["", "## Notes", meta["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _training_lines(train: dict[str, Any]) -> list[str]:
+    """One bullet pair per stage: the run itself, preceded by the run it continued (if any)."""
+
+    def stage(facts: dict[str, Any]) -> list[str]:
+        config = facts["config"]
+        start = f"from `{config['init_from']}`" if config.get("init_from") else f"init seed {config['init_seed']}"
+        return [
+            f"- AdamW, lr {config['lr']}, weight decay {config['weight_decay']}, warm-up {config['warmup_steps']} "
+            f"steps, cosine decay; batch {config['batch_size']}; {start}; scene seed {config['data_seed']}",
+            f"- {facts['steps']} steps, {facts['images_seen']:,} images, {facts['seconds'] / 60:.0f} minutes on "
+            f"{facts['hardware']}",
+        ]
+
+    parent = train.get("parent")
+    if parent is None:
+        return stage(train)
+    total = parent["images_seen"] + train["images_seen"]
+    return [
+        "Stage 1 (from scratch):",
+        *stage(parent),
+        "",
+        "Stage 2 (continued training on fresh scenes):",
+        *stage(train),
+        "",
+        f"In all {total:,} images.",
+    ]
