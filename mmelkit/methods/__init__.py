@@ -21,14 +21,18 @@ from __future__ import annotations
 from typing import Any
 
 from mmelkit.methods import architecture, perturbation, text, token  # noqa: F401  (importing registers the methods)
-from mmelkit.methods.base import REGISTRY, Explanation, Method, get_method
+from mmelkit.methods.base import REGISTRY, Explanation, Method, TextExplanation, get_method
 from mmelkit.models.adapter import ClipAdapter, TextLike
 
 
-def explain(model: ClipAdapter, images: Any, texts: TextLike, method: str = "grad_eclip", **params: Any) -> Explanation:
+def explain(
+    model: ClipAdapter, images: Any, texts: TextLike, method: str = "grad_eclip", **params: Any
+) -> Explanation | TextExplanation:
     """Explain image-text pairs with a registered method (see :func:`list_methods`).
 
     ``images``/``texts``: N and N (pairs), 1 and N, or N and 1. ``params`` are the method's own.
+    Image-side methods return an :class:`Explanation` (maps), text-side ones a
+    :class:`TextExplanation` (token and word scores).
     """
     return get_method(method)(model, **params).explain(images, texts)
 
