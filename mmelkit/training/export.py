@@ -108,8 +108,8 @@ def model_card(meta: dict[str, Any], size_bytes: int) -> str:
         "",
         "## Training",
         *_training_lines(train),
-        "- reproduce: `mmelkit train clip --export` (resumable; `--device cuda` on a GPU); the figures below",
-        "  come from the same command's evaluation, also available alone as `mmelkit eval clip`",
+        f"- reproduce: {_reproduce(train)} (resumable; `--device cuda` on a GPU); the figures below",
+        "  come from the export's evaluation, also available alone as `mmelkit eval clip`",
         "",
         "## Quality (held-out scenes, another seed; `mmelkit eval clip`)",
     ]
@@ -126,6 +126,24 @@ def model_card(meta: dict[str, Any], size_bytes: int) -> str:
     if meta.get("notes"):
         lines += ["", "## Notes", meta["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _command(config: dict[str, Any], export: bool) -> str:
+    """The ``mmelkit train clip`` command line that repeats a run with this config."""
+    defaults = {"steps": 4_600, "batch_size": 128, "lr": 5e-4, "warmup_steps": 200, "init_seed": 0, "data_seed": 0}
+    flags = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "warmup_steps": "--warmup-steps",
+             "init_seed": "--seed", "data_seed": "--data-seed"}
+    parts = ["mmelkit train clip"]
+    if config.get("init_from"):
+        parts.append(f"--init-from {config['init_from']}")
+    parts += [f"{flags[key]} {config[key]}" for key in flags if config.get(key, defaults[key]) != defaults[key]]
+    return "`" + " ".join(parts + (["--export"] if export else [])) + "`"
+
+
+def _reproduce(train: dict[str, Any]) -> str:
+    if "parent" not in train:
+        return _command(train["config"], export=True)
+    return f"{_command(train['parent']['config'], export=True)}, then {_command(train['config'], export=True)}"
 
 
 def _training_lines(train: dict[str, Any]) -> list[str]:
