@@ -63,6 +63,13 @@ def minmax_over(values: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch
     return (values - low) / (high - low + eps)
 
 
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an int >= 1, or a ValueError naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    return value
+
+
 def pair_inputs(model: ClipAdapter, images: Any, texts: TextLike) -> tuple[torch.Tensor, TextTokens]:
     """Model input for N image-text pairs: N and N, 1 and N, or N and 1 (the single side repeated)."""
     pixels = model.as_pixels(images)

@@ -108,17 +108,15 @@ class CLIPSurgery(Method):
             redundant = model.as_tokens(texts)
         else:
             raise ValueError(f"redundant must be 'background' or 'texts'; got {kind!r}")
-        slot: dict[tuple[int, ...], int] = {}  # distinct token rows -> position among the encoded
-        rows: list[int] = []  # position of each target and redundant row among the encoded
-        first: list[int] = []
         ids = torch.cat([tokens.ids, redundant.ids.to(tokens.ids.device)])
-        for row, key in enumerate(map(tuple, ids.tolist())):
-            if key not in slot:
-                slot[key] = len(first)
-                first.append(row)
-            rows.append(slot[key])
+        # encode each distinct token row once; ``inverse`` maps every row to its distinct row
+        distinct, inverse = torch.unique(ids, dim=0, return_inverse=True)
+        order = torch.arange(len(ids), device=ids.device)
+        first = torch.full((len(distinct),), len(ids), device=ids.device).scatter_reduce(
+            0, inverse, order, reduce="amin"
+        )
         n = len(tokens)
-        distinct_redundant = sorted(set(rows[n:]))
+        distinct_redundant = inverse[n:].unique()
         if kind == "texts" and len(distinct_redundant) < 2:
             warnings.warn(
                 "clip_surgery with redundant='texts' and a single distinct text: the redundant set is the "
@@ -132,8 +130,7 @@ class CLIPSurgery(Method):
             torch.cat([tokens.eos_index, redundant.eos_index.to(tokens.ids.device)]),
         )
         features = text_features(model, everything.select(first))  # (distinct, E)
-        targets = features[torch.tensor(rows[:n], device=features.device)]
-        return targets, features[torch.tensor(distinct_redundant, device=features.device)].mean(dim=0)
+        return features[inverse[:n]], features[distinct_redundant].mean(dim=0)
 
     def explain(self, images: Any, texts: TextLike) -> Explanation:
         model = self.model

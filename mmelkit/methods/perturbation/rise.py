@@ -33,16 +33,11 @@ from mmelkit.methods.base import (
     Method,
     normalise_maps,
     pair_inputs,
+    positive_int,
     register,
     text_features,
 )
 from mmelkit.models.adapter import ClipAdapter, TextLike
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-    return value
 
 
 @dataclass
@@ -72,11 +67,12 @@ class RiseMasks:
         smooth = F.interpolate(grids[:, None].float(), size=upsized, mode="bilinear", align_corners=False)[:, 0]
         smooth = smooth.clamp_(0, 1)
         height, width = self.size
-        crops = [
-            smooth[b, top : top + height, left : left + width]
-            for b, (top, left) in enumerate(self.offsets[start:stop].tolist())
-        ]
-        return torch.stack(crops).to(dtype) if crops else smooth.new_zeros(0, height, width, dtype=dtype)
+        # every mask's crop in one gather, on the device (no per-mask loop, no host round trip)
+        offsets = self.offsets[start:stop]
+        rows = offsets[:, 0, None] + torch.arange(height, device=offsets.device)  # (B, H)
+        cols = offsets[:, 1, None] + torch.arange(width, device=offsets.device)  # (B, W)
+        batch = torch.arange(len(offsets), device=offsets.device)[:, None, None]
+        return smooth[batch, rows[:, :, None], cols[:, None, :]].to(dtype)
 
 
 def rise_masks(
@@ -92,8 +88,8 @@ def rise_masks(
     Each grid cell is kept (1) with probability ``p``; the crop offset is uniform in [0, cell)
     per axis. The random numbers come from a CPU generator seeded with ``seed``.
     """
-    count = _positive_int("masks", count)
-    cells = _positive_int("cells", cells)
+    count = positive_int("masks", count)
+    cells = positive_int("cells", cells)
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
         raise ValueError(f"p (the probability of keeping a cell) must lie strictly between 0 and 1; got {p!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -116,7 +112,7 @@ def rise_saliency(
     ``pixels``: normalised model input (N_pairs, 3, H, W); ``targets``: unit text features
     (N_pairs, E). Identical images are encoded once per mask and scored against all their texts.
     """
-    batch_size = _positive_int("batch_size", batch_size)
+    batch_size = positive_int("batch_size", batch_size)
     if len(pixels) != len(targets):
         raise ValueError(f"got {len(pixels)} images and {len(targets)} targets; pass one target per image")
     if tuple(pixels.shape[-2:]) != masks.size:
@@ -150,7 +146,7 @@ class RISE(Method):
     def explain(self, images: Any, texts: TextLike) -> Explanation:
         model = self.model
         params = self.params
-        batch_size = _positive_int("batch_size", params["batch_size"])
+        batch_size = positive_int("batch_size", params["batch_size"])
         pixels, tokens = pair_inputs(model, images, texts)
         size = tuple(pixels.shape[-2:])
         masks = rise_masks(params["masks"], size, params["cells"], params["p"], params["seed"], pixels.device)

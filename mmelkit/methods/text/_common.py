@@ -15,8 +15,3 @@ def image_features(model: ClipAdapter, pixels: torch.Tensor) -> torch.Tensor:
             return model.encode_image(pixels[:1], normalize=False).expand(len(pixels), -1)
         return model.encode_image(pixels, normalize=False)
 
-
-def check_batch_size(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"batch_size must be a positive int; got {value!r}")
-    return value

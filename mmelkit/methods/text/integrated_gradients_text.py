@@ -26,8 +26,16 @@ from typing import Any
 
 import torch
 
-from mmelkit.methods.base import Method, TextExplanation, pair_inputs, paired_cosine, register, text_layout
-from mmelkit.methods.text._common import check_batch_size, image_features
+from mmelkit.methods.base import (
+    Method,
+    TextExplanation,
+    pair_inputs,
+    paired_cosine,
+    positive_int,
+    register,
+    text_layout,
+)
+from mmelkit.methods.text._common import image_features
 from mmelkit.models.adapter import ClipAdapter, TextLike
 from mmelkit.models.backend import TextTokens
 
@@ -57,10 +65,8 @@ class IntegratedGradientsText(Method):
 
     def explain(self, images: Any, texts: TextLike) -> TextExplanation:
         model = self.model
-        steps = self.params["steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int; got {steps!r}")
-        batch_size = check_batch_size(self.params["batch_size"])
+        steps = positive_int("steps", self.params["steps"])
+        batch_size = positive_int("batch_size", self.params["batch_size"])
         pixels, tokens = pair_inputs(model, images, texts)
         layout = text_layout(model, tokens)
         baseline = baseline_embeddings(model, tokens, layout.content, self.params["baseline"])

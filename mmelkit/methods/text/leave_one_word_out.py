@@ -21,10 +21,11 @@ from mmelkit.methods.base import (
     TextLayout,
     pair_inputs,
     paired_cosine,
+    positive_int,
     register,
     text_layout,
 )
-from mmelkit.methods.text._common import check_batch_size, image_features
+from mmelkit.methods.text._common import image_features
 from mmelkit.models.adapter import TextLike
 from mmelkit.models.backend import TextTokens
 
@@ -69,7 +70,7 @@ class LeaveOneWordOut(Method):
 
     def explain(self, images: Any, texts: TextLike) -> TextExplanation:
         model = self.model
-        batch_size = check_batch_size(self.params["batch_size"])
+        batch_size = positive_int("batch_size", self.params["batch_size"])
         pixels, tokens = pair_inputs(model, images, texts)
         layout = text_layout(model, tokens)
         image = image_features(model, pixels)

@@ -33,19 +33,13 @@ from mmelkit.methods.base import (
     normalise_maps,
     pair_inputs,
     paired_cosine,
+    positive_int,
     register,
     text_features,
 )
 from mmelkit.models.adapter import ClipAdapter, TextLike
 
 BASELINES = ("black", "zero")
-
-
-def positive_int(name: str, value: Any) -> int:
-    """``value`` as an int >= 1, or a ValueError naming the parameter."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-    return value
 
 
 def baseline_pixels(model: ClipAdapter, baseline: str | torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:

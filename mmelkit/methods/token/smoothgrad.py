@@ -25,10 +25,11 @@ from mmelkit.methods.base import (
     Method,
     normalise_maps,
     pair_inputs,
+    positive_int,
     register,
     text_features,
 )
-from mmelkit.methods.token.integrated_gradients import averaged_input_gradients, pool_to_grid, positive_int
+from mmelkit.methods.token.integrated_gradients import averaged_input_gradients, pool_to_grid
 from mmelkit.models.adapter import ClipAdapter, TextLike
 
 
@@ -61,7 +62,8 @@ def smoothgrad(
 
     ``pixels``: normalised model input (N, 3, H, W); ``targets``: unit text features (N, E).
     ``noise``: noise std as a fraction of each image's value range (0 gives the plain gradient).
-    The noise (samples, 3, H, W) is held on the CPU and moved to the device a chunk at a time.
+    The noise (samples, 3, H, W) is drawn on the CPU (the same on every device) and moved to the
+    device once.
     """
     check_params(samples, noise, seed, batch_size)
     if len(pixels) != len(targets):
@@ -69,11 +71,10 @@ def smoothgrad(
     pixels = pixels.detach()
     flat = pixels.flatten(1)
     sigma = noise * (flat.max(dim=1).values - flat.min(dim=1).values)  # (N,), per image
-    eps = unit_noise(samples, tuple(pixels.shape[1:]), seed)
+    eps = unit_noise(samples, tuple(pixels.shape[1:]), seed).to(pixels.device, pixels.dtype)
 
     def noisy_copies(pair: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        chunk_noise = eps[sample.cpu()].to(pixels.device, pixels.dtype)
-        return pixels[pair] + sigma[pair].view(-1, 1, 1, 1) * chunk_noise
+        return pixels[pair] + sigma[pair].view(-1, 1, 1, 1) * eps[sample]
 
     return averaged_input_gradients(model, targets, len(pixels), samples, noisy_copies, batch_size)
 
