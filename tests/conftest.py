@@ -81,6 +81,18 @@ def block_network() -> Iterator[None]:
         socket.getaddrinfo = _real_getaddrinfo  # type: ignore[assignment]
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the test, restored after. Tiny models are all overhead:
+    on a small, busy machine extra threads only contend (a 32 px forward: ~3 ms -> ~300 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny models
 # ---------------------------------------------------------------------------------------------

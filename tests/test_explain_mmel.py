@@ -15,14 +15,7 @@ import mmelkit
 from mmelkit.methods.token import MMEL, GradECLIP, LayerWeights
 from mmelkit.methods.token.mmel import key_affinity, multi_scale
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: threads only add overhead (and the machine may be shared with a training run)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _minmax(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -7,7 +7,6 @@ what they check.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,14 +34,7 @@ FAST: dict[str, dict[str, Any]] = {
 PIXEL_METHODS = ["integrated_gradients", "smoothgrad", "rise"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # The tiny models are all overhead: on a small, busy machine intra-op threads only contend
-    # (a 32 x 32 forward goes from ~3 ms to ~300 ms). Restored after this module.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ EXPECTED = {"grad_eclip", "mmel", "raw_attention", "rollout", "generic_attention
             "clip_surgery", "integrated_gradients", "smoothgrad", "rise", "occlusion", "grad_eclip_text",
             "integrated_gradients_text", "leave_one_word_out"}
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_the_table_lists_every_method_with_its_place() -> None:
     table = mmelkit.list_methods()
@@ -35,7 +37,6 @@ def test_the_table_lists_every_method_with_its_place() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_every_method_runs_in_bfloat16(name: str, images: torch.Tensor) -> None:
-    torch.set_num_threads(1)
     model = mmelkit.load_model(make_model("open_clip-default"), device="cpu", dtype=torch.bfloat16)
     result = mmelkit.explain(model, images, TEXTS, method=name, **FAST.get(name, {}))
     values = result.maps if hasattr(result, "maps") else result.scores

@@ -5,7 +5,6 @@ Slow per-example references written from the method descriptions, against the ba
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,7 @@ METHODS = [GradECLIPText, IntegratedGradientsText, LeaveOneWordOut]
 FAST = {GradECLIPText: {}, IntegratedGradientsText: {"steps": 4}, LeaveOneWordOut: {}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # Tiny models: thread start-up dominates, and contends badly with other work on small machines.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cos(model: mmelkit.ClipAdapter, pixels: torch.Tensor, text: str) -> torch.Tensor:

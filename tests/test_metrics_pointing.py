@@ -10,6 +10,8 @@ from mmelkit.cli import main
 from mmelkit.metrics import pointing_game, scene_pointing_game
 from mmelkit.metrics.localisation import grow_masks
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_pointing_game_closed_form() -> None:
     masks = torch.zeros(3, 10, 10, dtype=torch.bool)
@@ -46,7 +48,6 @@ def test_bad_inputs() -> None:
 
 
 def test_scene_study_reports_methods_chance_and_failures() -> None:
-    torch.set_num_threads(1)
     model = mmelkit.load_model("scene-clip", device="cpu")
     study = scene_pointing_game(model, ["grad_eclip", "rise"], num_scenes=12, objects=(1, 2), progress=False,
                                 method_params={"rise": {"masks": 0}})
@@ -72,7 +73,6 @@ def test_methods_point_at_the_named_object_on_scene_clip(method: str) -> None:
     # The oracle here is the scene world itself: the embedded model names single objects almost
     # perfectly, so a faithful map must peak on the one object there is. Measured on 200 scenes
     # (mmelkit eval pointing --objects 1-1): 86-98%; 40 scenes at 75% leave room for sampling.
-    torch.set_num_threads(1)
     model = mmelkit.load_model("scene-clip", device="cpu")
     study = scene_pointing_game(model, [method], num_scenes=40, objects=(1, 1), progress=False)
     assert study.table.loc[method, "all"] >= 0.75
