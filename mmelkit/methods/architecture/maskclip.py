@@ -14,7 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from mmelkit.methods.base import Explanation, Method, normalise_maps, pair_inputs, register, text_features
-from mmelkit.models.adapter import TextLike
+from mmelkit.models.adapter import ClipAdapter, TextLike
+from mmelkit.models.tracing import BlockTrace
+
+
+def value_path_embeddings(model: ClipAdapter, record: BlockTrace) -> torch.Tensor:
+    """Per-patch embeddings of a traced image block's value path, proj(LN_post(v_i W_o + b_o)):
+    (N, P, E), unnormalised. The values skip the attention's mixing, so each keeps its patch."""
+    out_proj = model.backend.image_tower().attentions[record.index].out_proj
+    values = record.v[:, :, record.num_prefix_tokens :]  # (N, H, P, d)
+    merged = values.transpose(1, 2).flatten(2)  # (N, P, D): heads concatenated, as attn_out is
+    return model.project_image_tokens(out_proj(merged))
 
 
 @register
@@ -29,13 +39,10 @@ class MaskCLIP(Method):
         model = self.model
         pixels, tokens = pair_inputs(model, images, texts)
         targets = text_features(model, tokens)
-        out_proj = model.backend.image_tower().attentions[-1].out_proj
         with torch.no_grad():
             with model.trace(image_blocks=[-1], attention_probs=False) as trace:
                 model.encode_image(pixels)
             record = trace.image[-1]
-            values = record.v[:, :, record.num_prefix_tokens :]  # (N, H, P, d)
-            merged = values.transpose(1, 2).flatten(2)  # (N, P, D): heads concatenated, as attn_out is
-            dense = F.normalize(model.project_image_tokens(out_proj(merged)), dim=-1)  # (N, P, E)
+            dense = F.normalize(value_path_embeddings(model, record), dim=-1)  # (N, P, E)
             maps = (dense * targets[:, None, :]).sum(dim=-1).clamp_min(0).reshape(-1, *record.grid)
         return Explanation(normalise_maps(maps), tuple(pixels.shape[-2:]), self.name, dict(self.params), tokens.texts)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mmelkit.methods.architecture.maskclip import value_path_embeddings
 from mmelkit.methods.base import (
     Explanation,
     Method,
@@ -197,9 +198,7 @@ class MMEL(Method):
                 last = trace.image[-1]
                 if params["alignment_tokens"] == "value":
                     # MaskCLIP's value path: v_i W_o + b_o, which keeps each patch's own content
-                    out_proj = model.backend.image_tower().attentions[-1].out_proj
-                    values = last.v[:, :, last.num_prefix_tokens :].transpose(1, 2).flatten(2)
-                    patches = model.project_image_tokens(out_proj(values))
+                    patches = value_path_embeddings(model, last)
                 else:
                     patches = model.project_image_tokens(last.tokens_out)[:, last.num_prefix_tokens :]
                 # the map arithmetic runs in fp32 whatever the model's dtype
