@@ -20,11 +20,14 @@ def test_pointing_game_closed_form() -> None:
     maps[0, 3, 3] = 1.0  # on the mask
     maps[1, 8, 8] = 1.0  # far away
     maps[2, 3, 6] = 1.0  # 3 px right of the mask's edge (column 3)
-    assert pointing_game(maps, masks).tolist() == [True, False, False]
-    assert pointing_game(maps, masks, tolerance=3).tolist() == [True, False, True]
-    assert pointing_game(maps, masks, tolerance=2).tolist() == [True, False, False]
-    # a constant map points at the first pixel: a hit only if the mask covers it
-    assert pointing_game(torch.ones(3, 10, 10), masks).tolist() == [False] * 3
+    hits = pointing_game(maps, masks)
+    assert hits.dtype == torch.float32 and hits.tolist() == [1.0, 0.0, 0.0]
+    assert pointing_game(maps, masks, tolerance=3).tolist() == [1.0, 0.0, 1.0]
+    assert pointing_game(maps, masks, tolerance=2).tolist() == [1.0, 0.0, 0.0]
+    # a constant map: with ties="first" it points at the first pixel (a hit only if the mask
+    # covers it); by default every pixel ties, so it scores the mask's area share (4 of 100)
+    assert pointing_game(torch.ones(3, 10, 10), masks, ties="first").tolist() == [0.0] * 3
+    assert pointing_game(torch.ones(3, 10, 10), masks).tolist() == pytest.approx([0.04] * 3, abs=1e-7)
 
 
 def test_grown_masks_are_discs() -> None:

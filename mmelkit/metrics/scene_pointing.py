@@ -1,7 +1,9 @@
 """The pointing game on the scene world: each method, one object caption per scene, exact masks.
 
 For every scene a caption naming one object ("a red circle") is explained; a method hits when
-the maximum of its map, upsampled to the image, lies on that object's visible mask. Scenes are
+the maximum of its map, upsampled to the image, lies on that object's visible mask. When several
+pixels tie for the maximum (flat or upsampled maps), the hit is the share of those pixels on the
+mask: the expected hit under a random tie-break, so a constant map scores chance. Scenes are
 generated with a seed no training run uses, so nothing here was seen in training.
 """
 
@@ -27,7 +29,8 @@ POINTING_SEED = 3_000_017
 @dataclass
 class PointingStudy:
     """Per-sample hits (``samples``: method, scene, objects, caption, hit) and the summary table
-    (hit rate per method, overall and per object count, with the random baseline)."""
+    (hit rate per method, overall and per object count, with the random baseline). ``hit`` is a
+    float in [0, 1]: 0 or 1 for a unique maximum, the share of tied maxima on the mask otherwise."""
 
     samples: pd.DataFrame
     table: pd.DataFrame
@@ -68,7 +71,7 @@ def scene_pointing_game(
     rows: list[dict[str, Any]] = []
     params = method_params or {}
     for name in tqdm(methods, disable=not progress, desc="pointing game", unit="method"):
-        hits = torch.zeros(num_scenes, dtype=torch.bool)
+        hits = torch.zeros(num_scenes, dtype=torch.float32)
         error = ""
         try:
             method = get_method(name)(model, **params.get(name, {}))
@@ -81,7 +84,7 @@ def scene_pointing_game(
             error = f"{type(exc).__name__}: {exc}"
         for n, (scene, caption) in enumerate(zip(scenes, captions, strict=True)):
             rows.append({"method": name, "scene": scene.index, "objects": len(scene.objects),
-                         "caption": caption.text, "hit": bool(hits[n]) if not error else None, "error": error})
+                         "caption": caption.text, "hit": float(hits[n]) if not error else None, "error": error})
     for n, scene in enumerate(scenes):
         rows.append({"method": "random (chance)", "scene": scene.index, "objects": len(scene.objects),
                      "caption": captions[n].text, "hit": float(chance[n]), "error": ""})
