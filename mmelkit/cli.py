@@ -329,8 +329,95 @@ def _eval_pointing(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- mmelkit bench -------------------------------------------------------------------------------
+def _add_bench(commands: Subparsers) -> None:
+    parser = commands.add_parser(
+        "bench",
+        help="score explanation methods: methods x datasets x metrics -> tables and plots",
+        description="Explain samples of each dataset with each method and score the maps (deletion / "
+        "insertion AUC, confidence drop / increase, the retrieval protocol, pointing game, energy pointing "
+        "game, IoU, AUROC, the randomisation check). Writes results.csv (tidy), samples.csv, table.md, "
+        "curves.json and figures.html to --out; finished cells are cached there and skipped on a rerun. "
+        "Under torchrun each process takes a shard of the samples.",
+    )
+    parser.add_argument("--preset", choices=["mmel-paper", "localisation", "clutter"],
+                        help="start from a preset (the options below override it)")
+    parser.add_argument("--model", default="scene-clip", help="any load_model spec (default: %(default)s)")
+    parser.add_argument("--methods", help="comma-separated method names, or 'all' image-side methods")
+    parser.add_argument("--datasets", help="comma-separated: scenes, scenes:MIN-MAX, photos, coco:ROOT, "
+                        "coco-captions:ROOT (default: scenes)")
+    parser.add_argument("--metrics", help="comma-separated metric names or groups: faithfulness, retrieval, "
+                        "localisation, sanity, all (default: all but sanity)")
+    parser.add_argument("--samples", type=int, help="samples per dataset (default: 64, presets their own)")
+    parser.add_argument("--batch-size", type=int, help="pairs explained per batch (default: 16)")
+    parser.add_argument("--perturbation-batch", type=int, help="perturbed images per forward pass (default: 256)")
+    parser.add_argument("--steps", type=int, help="deletion / insertion steps (default: 100)")
+    parser.add_argument("--score", choices=["cosine", "softmax", "recall"], help="deletion / insertion score")
+    parser.add_argument("--seed", type=int, help="sample and metric seed (default: 0)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="build/bench", metavar="DIR", help="output folder (default: %(default)s)")
+    parser.add_argument("--no-cache", dest="cache", action="store_false", help="recompute cached cells")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import mmelkit
+    from mmelkit.bench import BenchConfig, preset_config, run_bench
+    from mmelkit.bench.distributed import init_from_environment, world
+    from mmelkit.bench.presets import clutter_table, paper_table, relative_to_grad_eclip
+    from mmelkit.methods.base import REGISTRY
+
+    def listed(text: str | None) -> list[str] | None:
+        return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+    methods = listed(args.methods)
+    if methods == ["all"]:
+        methods = [name for name, cls in sorted(REGISTRY.items()) if cls.modality == "image"]
+    overrides = {"methods": methods, "datasets": listed(args.datasets), "metrics": listed(args.metrics),
+                 "samples": args.samples, "batch_size": args.batch_size,
+                 "perturbation_batch": args.perturbation_batch, "steps": args.steps, "score": args.score,
+                 "seed": args.seed}
+    try:
+        if args.preset:
+            config = preset_config(args.preset, **overrides)
+        else:
+            if methods is None:
+                print("mmelkit bench: give --methods (or a --preset)", file=sys.stderr)
+                return EXIT_USAGE
+            config = BenchConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except (ValueError, TypeError) as error:
+        print(f"mmelkit bench: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    started, device = init_from_environment(args.device)
+    try:
+        model = mmelkit.load_model(args.model, device=device)
+        result = run_bench(model, config, out=args.out, progress=not args.quiet, use_cache=args.cache)
+        if world()[0] == 0:
+            print(result.to_markdown())
+            if args.preset == "mmel-paper":
+                print("\nIn the MMEL paper's layout (the paper's rows: real CLIP on MSCOCO, for reference):")
+                print(paper_table(result).to_string(float_format=lambda v: f"{v:.4g}"))
+                relative = relative_to_grad_eclip(result)
+                if not relative.empty:
+                    print("\nMMEL against Grad-ECLIP (relative change of the AUC):")
+                    percent = {c: (lambda v: f"{v:+.1%}") for c in ("measured change", "paper's claim")}
+                    print(relative.to_string(formatters=percent, float_format=lambda v: f"{v:.4f}"))
+            if args.preset == "clutter":
+                for metric in config.metrics:
+                    print(f"\n{metric} by objects per scene:")
+                    print(clutter_table(result, metric).to_string(float_format=lambda v: f"{v:.3f}"))
+            print(f"\nwritten to {args.out}/ (results.csv, samples.csv, table.md, curves.json, figures.html)")
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return EXIT_OK
+
+
 # -- plumbing ------------------------------------------------------------------------------------
-COMMANDS: list[Callable[[Subparsers], None]] = [_add_course, _add_models, _add_train, _add_eval]
+COMMANDS: list[Callable[[Subparsers], None]] = [_add_course, _add_models, _add_train, _add_eval, _add_bench]
 
 
 def _usage(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:

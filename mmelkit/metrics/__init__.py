@@ -1,6 +1,25 @@
-"""Metrics that score explanations: localisation against ground-truth masks (and, as they land,
-faithfulness curves). Everything takes batches and stays on the maps' device."""
+"""Metrics that score explanations. Everything takes batches and stays on the model's device.
 
+* faithfulness (:mod:`~mmelkit.metrics.faithfulness`): deletion / insertion curves and AUC,
+  Average Drop / Increase in confidence; the shared perturbation core is
+  :mod:`~mmelkit.metrics.perturbation`, the score functions :mod:`~mmelkit.metrics.scores`;
+* retrieval (:mod:`~mmelkit.metrics.retrieval`): the IR / TR protocol under deletion or insertion;
+* localisation (:mod:`~mmelkit.metrics.localisation`): pointing game, energy pointing game, IoU and
+  AUROC against ground-truth masks; the scene-world pointing study;
+* :mod:`~mmelkit.metrics.registry`: each metric's category, direction and scope.
+
+The randomisation sanity check lives with the methods (:mod:`mmelkit.methods.sanity`); the
+benchmark runner (:mod:`mmelkit.bench`) reports it as a metric.
+"""
+
+from mmelkit.metrics.faithfulness import (
+    ConfidenceChange,
+    Curves,
+    confidence_change,
+    deletion_curves,
+    insertion_curves,
+    perturbation_curves,
+)
 from mmelkit.metrics.localisation import (
     box_masks,
     energy_pointing_game,
@@ -8,14 +27,31 @@ from mmelkit.metrics.localisation import (
     mask_iou,
     pointing_game,
 )
+from mmelkit.metrics.registry import GROUPS, METRICS, MetricInfo, resolve_metrics
+from mmelkit.metrics.retrieval import RetrievalCurves, retrieval_protocol, retrieval_recall
 from mmelkit.metrics.scene_pointing import PointingStudy, scene_pointing_game
+from mmelkit.metrics.scores import TextScore
 
 __all__ = [
+    "GROUPS",
+    "METRICS",
+    "ConfidenceChange",
+    "Curves",
+    "MetricInfo",
     "PointingStudy",
+    "RetrievalCurves",
+    "TextScore",
     "box_masks",
+    "confidence_change",
+    "deletion_curves",
     "energy_pointing_game",
+    "insertion_curves",
     "mask_auroc",
     "mask_iou",
+    "perturbation_curves",
     "pointing_game",
+    "resolve_metrics",
+    "retrieval_protocol",
+    "retrieval_recall",
     "scene_pointing_game",
 ]
