@@ -84,3 +84,21 @@ def test_compare_cpu_skips_missing_libraries_with_the_install_hint(scripts, caps
     out = capsys.readouterr().out
     assert all(r.skipped for r in results) and len(results) == 3
     assert 'pip install "mmelkit[bench]"' in out
+
+
+def test_metric_speed_prints_maps_per_second(capsys, tmp_path) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import metric_speed
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    md_path = tmp_path / "metric.md"
+    rows = metric_speed.main(["--model", "scene-clip", "--device", "cpu", "--maps", "2", "--steps", "3",
+                              "--batches", "4", "--repeats", "1", "--markdown", str(md_path)])
+    out = capsys.readouterr().out
+    assert [(r.dtype, r.batch, r.steps) for r in rows] == [("fp32", 4, 3)]
+    assert rows[0].median > 0 and rows[0].images_per_second == pytest.approx(rows[0].median * 8)
+    # the target is quoted but judged only for ViT-B/16 on CUDA in bf16 with 100 steps
+    assert rows[0].target == ">=50 maps/s" and rows[0].verdict == "n/a"
+    assert "maps/s (median)" in out and "8 forward images" in out
+    assert md_path.read_text().startswith("| model | device |")
