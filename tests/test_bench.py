@@ -619,3 +619,16 @@ def test_torchrun_two_processes_match_one(tmp_path: Path, capsys: pytest.Capture
     pd.testing.assert_frame_equal(one.drop(columns=numeric), two.drop(columns=numeric))
     assert close(one[numeric], two[numeric])
     assert len(list((sharded / "cells").glob("*.json"))) == 2
+
+
+def test_benchmark_scenes_are_not_the_training_scenes() -> None:
+    from mmelkit.bench.data import BENCH_SCENE_SEED
+    from mmelkit.datasets.scenes import SceneConfig, SceneWorld
+
+    model = mmelkit.load_model("scene-clip", device="cpu")
+    data = load_bench_data("scenes", model, 3, seed=0)
+    for training_seed in (0, 1):  # the embedded model's two training stages
+        training = SceneWorld(SceneConfig().scaled(64), seed=training_seed)
+        assert not any(np.array_equal(image, training[k].image) for k, image in enumerate(data.images))
+    expected = SceneWorld(SceneConfig().scaled(64), seed=BENCH_SCENE_SEED)
+    assert np.array_equal(data.images[0], expected[0].image)
