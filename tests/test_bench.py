@@ -632,3 +632,28 @@ def test_benchmark_scenes_are_not_the_training_scenes() -> None:
         assert not any(np.array_equal(image, training[k].image) for k, image in enumerate(data.images))
     expected = SceneWorld(SceneConfig().scaled(64), seed=BENCH_SCENE_SEED)
     assert np.array_equal(data.images[0], expected[0].image)
+
+
+def test_coco_specs_on_a_fixture(tmp_path: Path, tiny: mmelkit.ClipAdapter) -> None:
+    from test_datasets_real import _write_coco
+
+    _write_coco(tmp_path)
+    categories = load_bench_data(f"coco:{tmp_path}", tiny, 5, seed=0)
+    assert len(categories) == 2 and categories.ids == ["1", "2"]
+    assert categories.candidates == ["a photo of a cat", "a photo of a dog"]
+    assert categories.texts[1] == "a photo of a cat"  # image 2 holds only a cat (its crowd dog is dropped)
+    assert categories.masks.shape == (2, *tiny.image_size) and categories.masks.flatten(1).any(dim=1).all()
+    # 60 x 40 -> 48 x 32, centre crop 32 x 32 from column 8: the cat square (x 10-30, y 5-25) lands at
+    # x 0-16, y 4-20 in the model input; its centre is inside, the far right is not
+    cat = categories.masks[1]
+    assert cat[12, 8] and not cat[12, 28]
+    human = load_bench_data(f"coco-captions:{tmp_path}", tiny, 5, seed=0)
+    assert human.texts == ["A cat next to a dog.", "A lonely cat."]
+    assert human.candidates == human.texts
+    # a human caption refers to every annotated instance: image 1's mask holds the cat and the dog
+    assert human.masks[0].sum() > categories.masks[1].sum()
+    config = BenchConfig(methods=["raw_attention"], datasets=[f"coco-captions:{tmp_path}"],
+                         metrics=["localisation", "retrieval", "confidence_drop"], samples=5, steps=2)
+    table = run_bench(tiny, config, progress=False).table
+    assert (table["n"] == 2).all() and (table["failed"] == 0).all()
+    assert table["value"].notna().all()

@@ -680,6 +680,7 @@ def test_bad_input_is_refused(model: mmelkit.ClipAdapter, pixels: torch.Tensor) 
     refused(ValueError, "got 2 texts for 3 images", perturbation_curves, model, pixels, TEXTS[:2], maps, **curves)
     refused(ValueError, "got 2 texts for 3 images", confidence_change, model, pixels, TEXTS[:2], maps)
     refused(ValueError, "got 2 captions for 3 images", retrieval_protocol, model, pixels, TEXTS[:2], maps)
+    refused(TypeError, "one caption per image", retrieval_protocol, model, pixels, TEXTS[0], maps)
     refused(ValueError, "not among the candidate", perturbation_curves, model, pixels, TEXTS, maps,
             score="softmax", candidates=TEXTS[:2], **curves)
     refused(ValueError, "not among the candidate", confidence_change, model, pixels, TEXTS, maps,

@@ -116,6 +116,8 @@ def retrieval_protocol(
 
     ``substrate`` defaults to ``black`` for deletion and ``blur`` for insertion. A gallery needs at
     least two distinct captions."""
+    if isinstance(texts, str):
+        raise TypeError("the retrieval protocol needs one caption per image (a list), not a single string")
     texts = list(texts)
     pixels = model.as_pixels(images)
     if len(texts) != len(pixels):
