@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmelkit.methods.base import positive_int
 from mmelkit.models.adapter import ClipAdapter
 from mmelkit.models.images import resize_and_center_crop
 
@@ -97,8 +98,7 @@ def check_dataset(spec: str) -> str:
 
 def load_bench_data(spec: str, model: ClipAdapter, samples: int, seed: int = 0) -> BenchData:
     """The first ``samples`` pairs of the dataset ``spec`` (see the module docstring)."""
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be an integer >= 1; got {samples!r}")
+    positive_int("samples", samples)
     check_dataset(spec)
     kind, _, argument = spec.partition(":")
     if kind == "scenes":

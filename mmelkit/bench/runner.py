@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from mmelkit.bench.data import BenchData, check_dataset, load_bench_data
 from mmelkit.bench.distributed import gather, shard, world
-from mmelkit.methods.base import get_method
+from mmelkit.methods.base import get_method, positive_int
 from mmelkit.metrics.faithfulness import confidence_change
 from mmelkit.metrics.localisation import energy_pointing_game, mask_auroc, mask_iou, pointing_game
 from mmelkit.metrics.perturbation import (
@@ -95,9 +95,7 @@ class BenchConfig:
             raise ValueError(f"datasets listed twice: {self.datasets}")
         self.metrics = resolve_metrics(self.metrics)
         for name in ("samples", "batch_size", "perturbation_batch", "steps", "sanity_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+            positive_int(name, getattr(self, name))
         if self.tolerance is not None and (isinstance(self.tolerance, bool) or not isinstance(self.tolerance, int)
                                            or self.tolerance < 0):
             raise ValueError(f"tolerance must be None or an integer >= 0 (pixels); got {self.tolerance!r}")
@@ -246,8 +244,8 @@ def run_cell(model: ClipAdapter, data: BenchData, method_name: str, config: Benc
     wanted = set(metrics)
     method = get_method(method_name)(model, **config.method_params.get(method_name, {}))
     tolerance = config.tolerance if config.tolerance is not None else round(15 * model.image_size[0] / 224)
-    # candidate texts matter only for a softmax / recall deletion score (confidence embeds its own)
-    targets = text_targets(model, data.texts, data.candidates) if config.score != "cosine" else None
+    # every text embedded once per cell; the candidate set matters only for a softmax / recall score
+    targets = text_targets(model, data.texts, data.candidates if config.score != "cosine" else None)
     fractions = even_fractions(config.steps)
     scorer = TextScore(config.score)
     needs_retrieval = bool(wanted & set(GROUPS["retrieval"]))
@@ -285,20 +283,16 @@ def run_cell(model: ClipAdapter, data: BenchData, method_name: str, config: Benc
                 substrate = config.deletion_substrate if mode == "deletion" else config.insertion_substrate
                 features = perturbed_features(model, pixels, maps, fractions, mode, substrate,
                                               config.perturbation_batch, config.seed)
-                if config.score == "cosine":
-                    scores = (features * model.encode_text(texts).float()[:, None]).sum(-1)
-                else:
-                    assert targets is not None
-                    scores = scorer(features, targets.embeddings, targets.targets[indices])
+                scores = scorer(features, targets.embeddings, targets.targets[indices])
                 put(f"{mode}_auc", trapezoid_auc(fractions, scores))
-                for k, i in enumerate(indices):
-                    records[i][f"{mode}_curve"] = scores[k].cpu()
+                for i, row in zip(indices, _host_rows(scores), strict=True):
+                    records[i][f"{mode}_curve"] = row
             if needs_retrieval:
                 substrate = config.deletion_substrate if mode == "deletion" else config.insertion_substrate
                 features = perturbed_features(model, pixels, maps, retrieval_fractions, mode, substrate,
                                               config.perturbation_batch, config.seed)
-                for k, i in enumerate(indices):
-                    records[i][f"{mode}_features"] = features[k].cpu()
+                for i, row in zip(indices, _host_rows(features), strict=True):
+                    records[i][f"{mode}_features"] = row
         if wanted & {"confidence_drop", "confidence_increase"}:
             change = confidence_change(model, pixels, texts, maps, candidates=data.candidates,
                                        batch_size=config.perturbation_batch, seed=config.seed)
@@ -330,6 +324,12 @@ def run_cell(model: ClipAdapter, data: BenchData, method_name: str, config: Benc
                            time.perf_counter() - started)
 
 
+def _host_rows(values: torch.Tensor) -> list[torch.Tensor]:
+    """One host copy of a batch, split into compact per-sample tensors (a row view would carry
+    the whole batch's storage into the gather and the pickle)."""
+    return [row.clone() for row in values.detach().cpu()]
+
+
 def _summarise_cell(model: ClipAdapter, data: BenchData, method_name: str, config: BenchConfig,
                     records: list[dict[str, Any]], fractions: torch.Tensor, retrieval_fractions: torch.Tensor,
                     seconds: float) -> dict[str, Any]:
@@ -345,15 +345,14 @@ def _summarise_cell(model: ClipAdapter, data: BenchData, method_name: str, confi
         rows.append(row)
     curves: dict[str, Any] = {}
     dataset_metrics: dict[str, float] = {}
+    texts = [data.texts[k] for k in valid]
+    # the caption gallery of the retrieval protocol, embedded once for both modes
+    captions = text_targets(model, texts) if wanted & set(GROUPS["retrieval"]) and len(valid) > 1 else None
     for mode in ("deletion", "insertion"):
         if f"{mode}_auc" in wanted and valid:
             mean = torch.stack([records[k][f"{mode}_curve"] for k in valid]).mean(dim=0)
             curves[f"{mode}_auc"] = {"fractions": fractions.tolist(), "score": config.score, "mean": mean.tolist()}
-        if wanted & {f"{mode}_ir", f"{mode}_tr"} and len(valid) > 1:
-            texts = [data.texts[k] for k in valid]
-            captions = text_targets(model, texts)
-            if len(captions.texts) < 2:
-                continue
+        if wanted & {f"{mode}_ir", f"{mode}_tr"} and captions is not None and len(captions.texts) > 1:
             features = torch.stack([records[k][f"{mode}_features"] for k in valid]).to(captions.embeddings.device)
             image_recall, text_recall = retrieval_recall(features, texts, captions.embeddings, captions.texts)
             curves[f"{mode}_retrieval"] = {"fractions": retrieval_fractions.tolist(),

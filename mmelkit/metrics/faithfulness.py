@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mmelkit.methods.base import Explanation, normalise_maps
+from mmelkit.methods.base import Explanation, normalise_maps, positive_int
 from mmelkit.metrics.perturbation import (
     Mode,
     Substrate,
@@ -159,8 +159,7 @@ def confidence_change(
     """Average Drop / Increase in Confidence: CLIP's softmax confidence in each text over
     ``candidates`` (default: the distinct ``texts``; pass a class list with more than one text),
     on the image and on the image times its map."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    positive_int("batch_size", batch_size)
     pixels = model.as_pixels(images)
     texts = _check_texts(texts, len(pixels))
     maps = as_map_tensor(maps, len(pixels)).to(pixels.device)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mmelkit.methods.base import Explanation
+from mmelkit.methods.base import Explanation, positive_int
 from mmelkit.models.adapter import ClipAdapter
 
 Substrate = Literal["black", "mean", "blur", "noise"]
@@ -71,8 +71,7 @@ def check_fractions(fractions: Sequence[float] | torch.Tensor) -> torch.Tensor:
 
 def even_fractions(steps: int, max_fraction: float = 1.0) -> torch.Tensor:
     """``steps + 1`` evenly spaced fractions from 0 to ``max_fraction``."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    positive_int("steps", steps)
     if not 0 < max_fraction <= 1:
         raise ValueError(f"max_fraction must lie in (0, 1]; got {max_fraction}")
     return torch.linspace(0.0, max_fraction, steps + 1, dtype=torch.float64)
@@ -192,8 +191,7 @@ def perturbed_features(
     substrate. ``insertion``: the image starts as the substrate and its top pixels are put back.
     ``batch_size`` perturbed copies go through the model per forward pass.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    positive_int("batch_size", batch_size)
     path = _prepare(model, images, maps, fractions, mode, substrate, seed)
     count, num_steps = len(path.start), len(path.counts)
     total = count * num_steps

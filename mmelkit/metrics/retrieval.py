@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from mmelkit.methods.base import Explanation
+from mmelkit.methods.base import Explanation, positive_int
 from mmelkit.metrics.perturbation import (
     Mode,
     Substrate,
@@ -72,8 +72,7 @@ def retrieval_recall(
     """
     if image_features.ndim != 3 or len(image_features) != len(texts):
         raise ValueError(f"image features {tuple(image_features.shape)} must be (N, S, E) for N = {len(texts)} texts")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1; got {k!r}")
+    positive_int("k", k)
     if len(text_features) != len(caption_texts):
         raise ValueError(f"got {len(text_features)} caption embeddings for {len(caption_texts)} captions")
     index = {t: c for c, t in enumerate(caption_texts)}

@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from mmelkit.methods.base import positive_int
 from mmelkit.models.adapter import ClipAdapter
 
 ScoreKind = Literal["cosine", "softmax", "recall"]
@@ -36,8 +37,7 @@ class TextScore:
     def __post_init__(self) -> None:
         if self.kind not in SCORES:
             raise ValueError(f"unknown score {self.kind!r}; scores: {', '.join(SCORES)}")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be an integer >= 1; got {self.k!r}")
+        positive_int("k", self.k)
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive; got {self.temperature}")
 
