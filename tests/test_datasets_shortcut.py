@@ -69,3 +69,41 @@ def test_bad_configs(kwargs: dict) -> None:
         ShortcutConfig(**kwargs)
     with pytest.raises(ValueError, match="split"):
         ShortcutTask(split="validation")  # type: ignore[arg-type]
+
+
+def test_the_patch_cue_is_the_class_colour_in_a_corner_clear_of_the_target() -> None:
+    config = ShortcutConfig(cue="patch", spurious=0.9)
+    colours = config.class_patch_colours()
+    assert len(set(colours)) == len(config.classes)
+    task = ShortcutTask(config, "train", seed=2)
+    size = config.scene.image_size
+    side = round(config.patch_fraction * size)
+    touching = 0
+    for i in range(120):
+        sample = task[i]
+        x1, y1, x2, y2 = sample.cue_box
+        assert (x2 - x1, y2 - y1) == (side, side) and {x1, y1} <= {1, size - side - 1}
+        assert (sample.scene.image[y1:y2, x1:x2] == colours[sample.tint_class]).all()
+        assert not sample.scene.masks[:, y1:y2, x1:x2].any()  # covered pixels leave every mask
+        bx1, by1, bx2, by2 = sample.scene.boxes[0]  # the target's box
+        touching += bx1 < x2 and x1 < bx2 and by1 < y2 and y1 < by2
+    assert touching / 120 < 0.1  # a clear corner is nearly always found
+    assert abs(_agreement(task, 400) - 0.9) < 0.06
+    assert abs(_agreement(ShortcutTask(config, "debiased"), 400) - 0.25) < 0.07
+
+
+def test_the_patch_cue_leaves_the_background_untinted_by_the_class() -> None:
+    """With a patch cue, the tint is the world's own random one: the class cannot be read from it."""
+    task = ShortcutTask(ShortcutConfig(cue="patch", spurious=1.0), "train")
+    tint = ShortcutTask(ShortcutConfig(cue="tint", spurious=1.0), "train")
+    assert task[0].cue_box is not None and tint[0].cue_box is None
+    same_label = [i for i in range(40) if task[i].label == tint[i].label]
+    assert same_label  # same seed and index: same label, same objects
+    i = same_label[0]
+    assert not np.array_equal(task[i].scene.image, tint[i].scene.image)
+
+
+@pytest.mark.parametrize("bad", [{"cue": "stripes"}, {"patch_fraction": 0.0}, {"patch_fraction": 0.5}])
+def test_bad_cue_settings_are_refused(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        ShortcutConfig(**bad)

@@ -19,16 +19,21 @@ from mmelkit.datasets.shortcut import ShortcutConfig, ShortcutTask
 from mmelkit.models.loading import resolve_device
 
 
+def conv_body(width: int) -> nn.Sequential:
+    """Three conv blocks, two 2x2 poolings: a (N, 2 * width, H / 4, W / 4) map."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+    )
+
+
 class SmallCNN(nn.Module):
     """Three conv blocks and a linear head; ``features`` is the last conv map (for Grad-CAM)."""
 
     def __init__(self, num_classes: int, width: int = 32) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
-        )
+        self.features = conv_body(width)
         self.head = nn.Linear(2 * width, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
