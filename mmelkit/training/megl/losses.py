@@ -37,8 +37,10 @@ def _check_pair(maps: torch.Tensor, masks: torch.Tensor) -> None:
 
 def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` (N,) over ``keep`` (N,) bool; 0 when nothing is kept (still differentiable)."""
-    keep = keep.to(values.dtype)
-    return (values * keep).sum() / keep.sum().clamp_min(1.0)
+    keep = keep.bool()
+    # where, not multiply: a NaN from a withheld placeholder must not leak (NaN * 0 is NaN)
+    kept = torch.where(keep, values, torch.zeros_like(values))
+    return kept.sum() / keep.sum().clamp_min(1).to(values.dtype)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
