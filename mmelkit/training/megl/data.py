@@ -145,7 +145,8 @@ def build_split(config: ShortcutConfig, split: Split, size: int, seed: int = 0) 
 def pseudo_masks(clip: Any, images: Sequence[np.ndarray] | np.ndarray, rationales: Sequence[str],
                  size: tuple[int, int], batch_size: int = 128) -> torch.Tensor:
     """A_T: Grad-ECLIP maps of ``clip`` (a ClipAdapter) for each (image, rationale) pair, upsampled
-    to ``size`` and min-max normalised to [0, 1]; (N, H, W) on the CLIP's device."""
+    to ``size`` and clamped to [0, 1] (the maps are min-max normalised before upsampling, so a
+    maximum can end slightly below 1); (N, H, W) on the CLIP's device."""
     from mmelkit.methods import explain
 
     if len(images) != len(rationales):

@@ -9,6 +9,11 @@ end (a finished run is loaded, not retrained). The batch of step ``t`` is a pure
 The total loss (SPEC section 3)::
 
     L = L_cls + l_v L_att [mask] + l_t L_txt + l_s L_tsv [no mask] + l_d L_dc
+
+With SDTG the generator reads ``I * up(A_hat)`` built from the *differentiable* Grad-CAM, so L_txt
+also trains the classifier's explanation (the interaction between the two explanations that
+SDTG is about); ``megl-no-sdtg`` cuts that path. Runs cached in ``out_dir`` are matched by
+configuration, not by code: after changing a loss, train into a fresh folder.
 """
 
 from __future__ import annotations
