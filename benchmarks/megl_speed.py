@@ -32,7 +32,7 @@ def steps_per_second(name: str, arch: str, profile: str, device: torch.device, s
     priors = torch.full((4, config.image_size, config.image_size), 1.0 / config.image_size**2, device=device)
 
     def step(t: int) -> None:
-        loss, _ = megl_loss(model, data.take(batch_indices(config, t, len(data), device)), priors)
+        loss, _ = megl_loss(model, data.take(batch_indices(config, t, len(data), device), host_fields=False), priors)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -93,6 +93,9 @@ def test_split_matches_the_task_sample_by_sample() -> None:
     picked = split.take(torch.tensor([5, 2]))
     assert picked.rationales == [split.rationales[5], split.rationales[2]] and torch.equal(picked.labels, split.labels[[5, 2]])
     assert np.array_equal(picked.raw_images, split.raw_images[[5, 2]])
+    device_only = split.take(torch.tensor([5, 2]), host_fields=False)
+    assert torch.equal(device_only.images, picked.images) and torch.equal(device_only.tokens, picked.tokens)
+    assert device_only.rationales == [] and len(device_only.raw_images) == 0
 
 
 def test_vocabulary_round_trip_and_limits() -> None:
@@ -261,6 +264,17 @@ def test_a_model_that_reads_the_cue_is_caught_by_every_shortcut_measure() -> Non
     assert result["test_acc"] == pytest.approx(float((test.cue_classes == test.labels).float().mean()))
     assert result["cue_energy"] > 0.9 and result["pointing"] < 0.2
     assert math.isnan(result["bleu4"]) and math.isnan(result["clip_score"])
+
+
+def test_grad_cam_without_classes_explains_the_prediction() -> None:
+    from mmelkit.training.megl import grad_cam
+
+    config = preset("plain", **TINY)
+    classifier = new_model(config, torch.device("cpu")).classifier
+    images = build_split(config.task(), "test", 6).images
+    logits, maps, _ = grad_cam(classifier, images, None, create_graph=False)
+    _, expected, _ = grad_cam(classifier, images, logits.argmax(dim=1), create_graph=False)
+    assert torch.equal(maps, expected)
 
 
 def test_macro_f1_closed_form() -> None:

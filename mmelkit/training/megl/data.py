@@ -95,18 +95,24 @@ class MeglSplit:
             moved[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
         return MeglSplit(**moved)
 
-    def take(self, index: torch.Tensor) -> MeglSplit:
-        """The rows ``index`` (a long tensor) of every field."""
+    def take(self, index: torch.Tensor, host_fields: bool = True) -> MeglSplit:
+        """The rows ``index`` (a long tensor) of every field. ``host_fields=False`` (the training
+        step) leaves the host-side ``raw_images`` and ``rationales`` empty, so a batch on the GPU
+        never waits for its indices to come back to the host."""
         picked: dict[str, Any] = {}
-        host = index.cpu().numpy()
+        if not host_fields:
+            picked.update(raw_images=self.raw_images[:0], rationales=[])
+        host = index.cpu().numpy() if host_fields else None
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in picked:
+                continue
             if isinstance(value, torch.Tensor):
                 picked[f.name] = value[index.to(value.device)]
             elif isinstance(value, np.ndarray):
                 picked[f.name] = value[host]
             elif isinstance(value, list):
-                picked[f.name] = [value[i] for i in host.tolist()]
+                picked[f.name] = [value[i] for i in host.tolist()]  # type: ignore[union-attr]
             else:
                 picked[f.name] = value
         return replace(self, **picked)

@@ -63,10 +63,9 @@ def predict_and_explain(model: MeglModel, split: MeglSplit, batch_size: int = 25
     predictions, maps = [], []
     for start in range(0, len(split), batch_size):
         images = split.images[start : start + batch_size].to(device)
-        with torch.no_grad():
-            predicted = classifier(images).argmax(dim=1)
-        _, cams, _ = grad_cam(classifier, images, predicted, create_graph=False, target=model.config.cam_target)  # type: ignore[arg-type]
-        predictions.append(predicted)
+        # one forward: the prediction and its Grad-CAM come from the same pass
+        logits, cams, _ = grad_cam(classifier, images, None, create_graph=False, target=model.config.cam_target)  # type: ignore[arg-type]
+        predictions.append(logits.detach().argmax(dim=1))
         maps.append(F.interpolate(cams[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0])
     return torch.cat(predictions), torch.cat(maps)
 
@@ -78,15 +77,15 @@ def generate_rationales(model: MeglModel, split: MeglSplit, batch_size: int = 25
     texts: list[str] = []
     for start in range(0, len(split), batch_size):
         images = split.images[start : start + batch_size].to(model.device)
-        with torch.no_grad():
-            features = model.classifier.features(images)
-            predicted = model.classifier.classify(features).argmax(dim=1)
         highlighted = None
-        if model.generator.grounded:
-            _, cams, _ = grad_cam(model.classifier, images, predicted, create_graph=False,
-                                  target=model.config.cam_target)  # type: ignore[arg-type]
+        if model.generator.grounded:  # one forward gives the features and the predicted class's map
+            _, cams, features = grad_cam(model.classifier, images, None, create_graph=False,
+                                         target=model.config.cam_target)  # type: ignore[arg-type]
             highlighted = highlight(images, cams)
-        ids = model.generator.generate(features.mean(dim=(2, 3)), highlighted, model.vocab.BOS, model.vocab.EOS,
+        else:
+            with torch.no_grad():
+                features = model.classifier.features(images)
+        ids = model.generator.generate(features.detach().mean(dim=(2, 3)), highlighted, model.vocab.BOS, model.vocab.EOS,
                                        max_length=split.tokens.shape[1])
         texts.extend(model.vocab.decode(ids))
     return texts

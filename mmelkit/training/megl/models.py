@@ -132,12 +132,13 @@ def build_classifier(arch: str, num_classes: int, image_size: int, width: int) -
 def grad_cam(
     model: ExplainableClassifier,
     images: torch.Tensor,
-    classes: torch.Tensor,
+    classes: torch.Tensor | None,
     create_graph: bool = True,
     target: CamTarget = "log_prob",
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grad-CAM of ``classes`` (one per image): ``(logits, maps, features)``.
+    """Grad-CAM of ``classes`` (one per image; None: each image's predicted class, from the same
+    forward pass): ``(logits, maps, features)``.
 
     ``maps`` (N, h, w) is ReLU(sum_c alpha_c F_c) / (max + eps) with alpha_c the spatial mean of the
     gradient of the score with respect to the features F. With ``create_graph`` the maps carry a
@@ -146,13 +147,15 @@ def grad_cam(
     classes then counts as evidence, so a model cannot hide a shortcut from the map by using it
     only to push the other classes down (which the logit's map, ``target="logit"``, does not show).
     """
-    if classes.shape != (len(images),):
+    if classes is not None and classes.shape != (len(images),):
         raise ValueError(f"need one class per image: {len(images)} images, classes of shape {tuple(classes.shape)}")
     with torch.enable_grad():
         features = model.features(images)
         if not features.requires_grad:  # a frozen model still has a graph from its features onward
             features = features.detach().requires_grad_(True)
         logits = model.classify(features)
+        if classes is None:
+            classes = logits.detach().argmax(dim=1)
         scores = F.log_softmax(logits, dim=1) if target == "log_prob" else logits
         if target not in ("logit", "log_prob"):
             raise ValueError(f"target must be 'logit' or 'log_prob'; got {target!r}")

@@ -336,7 +336,7 @@ def train_megl(
                desc=f"train {config.name} (seed {config.seed})")
     began = time.perf_counter()
     for step in bar:
-        batch = data.take(batch_indices(config, step, len(data), target))
+        batch = data.take(batch_indices(config, step, len(data), target), host_fields=False)
         loss, parts = megl_loss(model, batch, priors)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
