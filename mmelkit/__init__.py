@@ -25,6 +25,7 @@ from mmelkit.models import (  # noqa: E402
     load_model,
     resolve_device,
 )
+from mmelkit.models.vlm import VlmAdapter, load_vlm  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -33,10 +34,12 @@ __all__ = [
     "ClipAdapter",
     "ModelTrace",
     "TextTokens",
+    "VlmAdapter",
     "__version__",
     "explain",
     "list_methods",
     "list_zoo",
     "load_model",
+    "load_vlm",
     "resolve_device",
 ]

@@ -221,6 +221,7 @@ def _add_train(commands: Subparsers) -> None:
     clip.add_argument("--quiet", action="store_true", help="no progress bar")
     clip.set_defaults(handler=_train_clip)
     _add_train_megl(what)
+    _add_train_vlm(what)
 
 
 def _train_clip(args: argparse.Namespace) -> int:
@@ -319,12 +320,90 @@ def _train_megl(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- mmelkit train vlm / mmelkit eval vlm --------------------------------------------------------
+def _add_train_vlm(what: Subparsers) -> None:
+    from mmelkit.training.vlm_trainer import PRESETS, VlmTrainConfig
+
+    defaults = VlmTrainConfig()
+    vlm = what.add_parser(
+        "vlm",
+        help="train the embedded generative VLM scene-llava on scene-world questions (resumable)",
+        description="Train (or resume) a scene-llava model: a Hugging Face LLaVA (CLIP vision tower from "
+        "scene-clip, projector, small Llama decoder) taught scene-world questions and answers. A checkpoint "
+        "goes to OUT/last.pt after every epoch; running again with the same OUT resumes (a larger --steps "
+        "extends a finished run). --export evaluates the result on held-out scenes and writes the model "
+        "folder data/models/<preset>/ that load_vlm('<preset>') opens.",
+        epilog="presets: " + ", ".join(f"{name} (co-occurrence {cfg['co_occurrence']})" for name, cfg in PRESETS.items()),
+    )
+    vlm.add_argument("--preset", choices=sorted(PRESETS), default="scene-llava", help="(default: %(default)s)")
+    vlm.add_argument("--out", default=None, metavar="DIR", help="run folder (default: build/train/<preset>)")
+    vlm.add_argument("--steps", type=int, default=defaults.steps, help="total optimiser steps (default: %(default)s)")
+    vlm.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
+    vlm.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default: %(default)s)")
+    vlm.add_argument("--co-occurrence", type=float, default=None,
+                     help="probability that an object brings its partner along (default: the preset's)")
+    vlm.add_argument("--seed", type=int, default=defaults.init_seed, help="initialisation seed (default: %(default)s)")
+    vlm.add_argument("--data-seed", type=int, default=defaults.data_seed, help="question seed (default: %(default)s)")
+    vlm.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
+    vlm.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    vlm.add_argument("--export", action="store_true", help="evaluate and export to data/models/<preset>/ when done")
+    vlm.add_argument("--force", action="store_true", help="let --export replace an existing model folder")
+    vlm.add_argument("--quiet", action="store_true", help="no progress bar")
+    vlm.set_defaults(handler=_train_vlm)
+
+
+def _train_vlm(args: argparse.Namespace) -> int:
+    from mmelkit.training.vlm_export import MODELS_DIR
+    from mmelkit.training.vlm_trainer import PRESETS, VlmTrainConfig, train_vlm
+
+    settings = dict(PRESETS[args.preset])
+    if args.co_occurrence is not None:
+        settings["co_occurrence"] = args.co_occurrence
+    try:
+        config = VlmTrainConfig(**settings, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                init_seed=args.seed, data_seed=args.data_seed)
+        if args.max_minutes is not None and args.max_minutes <= 0:
+            raise ValueError(f"--max-minutes must be positive; got {args.max_minutes}")
+    except (ValueError, TypeError) as error:
+        print(f"mmelkit train vlm: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    target = MODELS_DIR / args.preset
+    if args.export and target.exists() and not args.force:
+        print(f"mmelkit train vlm: {target} exists; add --force to replace it (nothing was trained)", file=sys.stderr)
+        return EXIT_USAGE
+    out = args.out or f"build/train/{args.preset}"
+    try:
+        checkpoint = train_vlm(config, out, device=args.device, progress=not args.quiet,
+                               max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    except ValueError as error:  # a checkpoint of another config in OUT
+        print(f"mmelkit train vlm: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"checkpoint: {checkpoint}")
+    if args.export:
+        return _export_vlm(checkpoint, args.preset, args.device, args.quiet)
+    return EXIT_OK
+
+
+def _export_vlm(checkpoint: Path, name: str, device: str, quiet: bool) -> int:
+    import mmelkit
+    from mmelkit.training.vlm_eval import evaluate_vlm
+    from mmelkit.training.vlm_export import MODELS_DIR, export_vlm, write_quality
+
+    # Weights first, so that the evaluation measures exactly what ships, loaded through the zoo.
+    folder = export_vlm(checkpoint, name=name, out_dir=MODELS_DIR, overwrite=True)
+    quality = evaluate_vlm(mmelkit.load_vlm(name, device=device), progress=not quiet)
+    write_quality(folder, quality.as_dict())
+    print(f"exported {folder}\n{quality.table()}")
+    return EXIT_OK
+
+
 def _add_eval(commands: Subparsers) -> None:
     parser = commands.add_parser(
         "eval",
-        help="measure a model: the scene-world CLIP's quality on held-out scenes",
+        help="measure a model: the scene-world CLIP's or VLM's quality on held-out scenes",
         description="Evaluation commands. `eval clip` reports zero-shot naming, retrieval Recall@1 and "
-        "relation-vs-swapped accuracy on held-out scenes (the figures of the model card).",
+        "relation-vs-swapped accuracy on held-out scenes (the figures of the model card); `eval vlm` "
+        "asks a generative VLM held-out questions and reports accuracy per kind, POPE and CHAIR.",
     )
     parser.set_defaults(handler=_usage(parser))
     what = parser.add_subparsers(title="what", metavar="WHAT")
@@ -350,6 +429,23 @@ def _add_eval(commands: Subparsers) -> None:
     pointing.add_argument("--csv", metavar="FILE", help="also write the per-scene hits to this CSV file")
     pointing.add_argument("--quiet", action="store_true", help="no progress bar")
     pointing.set_defaults(handler=_eval_pointing)
+    vlm = what.add_parser(
+        "vlm",
+        help="quality of a generative VLM on held-out scene-world questions, POPE and CHAIR",
+        description="Ask a VLM held-out scene-world questions and print accuracy per question kind "
+        "(existence, attribute, count, relation, caption), POPE accuracy / precision / recall / F1 / "
+        "yes-ratio per split (random, popular, adversarial) and CHAIR_i / CHAIR_s on captions, as tables "
+        "(or JSON), with the targets each figure is held to.",
+    )
+    vlm.add_argument("--model", default="scene-llava", help="any load_vlm spec (default: %(default)s)")
+    vlm.add_argument("--per-kind", type=int, default=200, help="questions per kind (default: %(default)s)")
+    vlm.add_argument("--pope-images", type=int, default=100, help="images POPE probes (default: %(default)s)")
+    vlm.add_argument("--caption-images", type=int, default=200, help="images captioned for CHAIR (default: %(default)s)")
+    vlm.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    vlm.add_argument("--device", default="auto")
+    vlm.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE ('-' prints JSON instead of tables)")
+    vlm.add_argument("--quiet", action="store_true", help="no progress bar")
+    vlm.set_defaults(handler=_eval_vlm)
 
 
 def _eval_clip(args: argparse.Namespace) -> int:
@@ -360,6 +456,35 @@ def _eval_clip(args: argparse.Namespace) -> int:
 
     quality = evaluate_scene_clip(mmelkit.load_model(args.model, device=args.device))
     print(json.dumps(quality.as_dict(), indent=2) if args.json else quality)
+    return EXIT_OK
+
+
+def _eval_vlm(args: argparse.Namespace) -> int:
+    import mmelkit
+    from mmelkit.training.vlm_eval import evaluate_vlm
+
+    for flag, value in (("--per-kind", args.per_kind), ("--pope-images", args.pope_images),
+                        ("--caption-images", args.caption_images), ("--batch-size", args.batch_size)):
+        if value < 1:
+            print(f"mmelkit eval vlm: {flag} must be at least 1; got {value}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        vlm = mmelkit.load_vlm(args.model, device=args.device)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        print(f"mmelkit eval vlm: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    quality = evaluate_vlm(vlm, per_kind=args.per_kind, pope_images=args.pope_images,
+                           caption_images=args.caption_images, batch_size=args.batch_size,
+                           progress=not args.quiet)
+    if args.json == "-":
+        print(quality.to_json())
+        return EXIT_OK
+    print(quality.table())
+    print("\ntargets: " + ", ".join(f"{name} {'met' if t['met'] else 'MISSED'} ({t['measured']:.3f} vs {t['target']})"
+                                    for name, t in quality.targets().items()))
+    if args.json:
+        Path(args.json).write_text(quality.to_json() + "\n")
+        print(f"written to {args.json}")
     return EXIT_OK
 
 

@@ -6,6 +6,8 @@
 * retrieval (:mod:`~mmelkit.metrics.retrieval`): the IR / TR protocol under deletion or insertion;
 * localisation (:mod:`~mmelkit.metrics.localisation`): pointing game, energy pointing game, IoU and
   AUROC against ground-truth masks; the scene-world pointing study;
+* hallucination (:mod:`~mmelkit.metrics.hallucination`): POPE and CHAIR, which score a generative
+  VLM's answers rather than a map;
 * :mod:`~mmelkit.metrics.registry`: each metric's category, direction and scope.
 
 The randomisation sanity check lives with the methods (:mod:`mmelkit.methods.sanity`); the
@@ -20,6 +22,7 @@ from mmelkit.metrics.faithfulness import (
     insertion_curves,
     perturbation_curves,
 )
+from mmelkit.metrics.hallucination import ChairScores, PopeScores, chair_scores, parse_yes_no, pope_scores
 from mmelkit.metrics.localisation import (
     box_masks,
     energy_pointing_game,
@@ -35,21 +38,26 @@ from mmelkit.metrics.scores import TextScore
 __all__ = [
     "GROUPS",
     "METRICS",
+    "ChairScores",
     "ConfidenceChange",
     "Curves",
     "MetricInfo",
     "PointingStudy",
+    "PopeScores",
     "RetrievalCurves",
     "TextScore",
     "box_masks",
+    "chair_scores",
     "confidence_change",
     "deletion_curves",
     "energy_pointing_game",
     "insertion_curves",
     "mask_auroc",
     "mask_iou",
+    "parse_yes_no",
     "perturbation_curves",
     "pointing_game",
+    "pope_scores",
     "resolve_metrics",
     "retrieval_protocol",
     "retrieval_recall",

@@ -1,0 +1,366 @@
+"""Questions and answers about scene-world scenes, with exact ground truth, for generative VLMs.
+
+``SceneQA(config, seed)[i]`` is one :class:`QAItem`: a scene, a question about it, the answer and
+the objects the answer is about (so a map can be scored against their masks). Each item is a pure
+function of ``(config, seed, i)``. The scene is drawn *for* its question, so that answers are
+balanced: half of the existence questions are answered "yes", counts run evenly over 0-4, and a
+relation question is only asked where exactly one object stands in that relation to the anchor.
+
+Question kinds (word-level, lower case, punctuation as separate words):
+
+* ``existence``: "is there a red circle ?" / "is there a red circle in the image ?" -> "yes" | "no";
+* ``attribute``: "what colour is the square ?", "what shape is the red object ?",
+  "what size is the red square ?" -> "red" | "square" | "small";
+* ``count``: "how many triangles are there ?" (0-4), "how many objects are there ?" -> "two";
+* ``relation``: "what is left of the blue star ?" -> "red circle";
+* ``caption``: "describe the image ." -> "red circle , blue star" (the objects in a canonical
+  order: by shape, then colour, in vocabulary order).
+
+**Co-occurrence.** ``VqaConfig.co_occurrence`` = p makes the training distribution pair objects:
+the 48 colour-shape objects are split into fixed couples (:func:`partner_map`), and each object a
+scene draws brings its partner along with probability p. A model trained at high p learns that a
+"red circle" comes with its partner, and tends to report the partner when it is absent: the
+object hallucination that POPE's adversarial split (:func:`pope_probes`) and CHAIR measure.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from mmelkit.datasets.scenes import (
+    NUMBER_WORDS,
+    SHAPES,
+    Scene,
+    SceneConfig,
+    SceneObject,
+    SceneWorld,
+    relation,
+)
+
+QuestionKind = Literal["existence", "attribute", "count", "relation", "caption"]
+QUESTION_KINDS: tuple[QuestionKind, ...] = ("existence", "attribute", "count", "relation", "caption")
+PopeSplit = Literal["random", "popular", "adversarial"]
+POPE_SPLITS: tuple[PopeSplit, ...] = ("random", "popular", "adversarial")
+RELATIONS = ("left of", "right of", "above", "below")
+PLURALS = {shape: ("crosses" if shape == "cross" else f"{shape}s") for shape in SHAPES}
+MAX_COUNT = 4  # counting questions ask for 0..4 objects of a shape
+
+# Seeds: training scenes come from VqaConfig seeds below this; every evaluation uses seeds at or
+# above it, so no held-out scene was ever seen in training.
+HELD_OUT_SEED = 1_000_000
+
+
+@dataclass(frozen=True)
+class VqaConfig:
+    """The distribution of questions and scenes."""
+
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    # relative frequency of each question kind
+    kinds: tuple[tuple[QuestionKind, float], ...] = (
+        ("existence", 0.25),
+        ("attribute", 0.2),
+        ("count", 0.2),
+        ("relation", 0.2),
+        ("caption", 0.15),
+    )
+    co_occurrence: float = 0.0  # probability that an object brings its partner along
+    partner_seed: int = 0  # which fixed couples the objects form (see partner_map)
+
+    def __post_init__(self) -> None:
+        unknown = [k for k, _ in self.kinds if k not in QUESTION_KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"kinds must name question kinds from {QUESTION_KINDS}; got {[k for k, _ in self.kinds]}")
+        if any(w < 0 for _, w in self.kinds) or sum(w for _, w in self.kinds) <= 0:
+            raise ValueError("kind weights must be non-negative and not all zero")
+        if not 0.0 <= self.co_occurrence <= 1.0:
+            raise ValueError(f"co_occurrence is a probability and must lie in [0, 1]; got {self.co_occurrence}")
+        if not self.scene.unique_objects:
+            raise ValueError("scene-world questions need unique_objects=True (a name must pick one object)")
+        if self.scene.max_objects < 2:
+            raise ValueError("relation questions need scenes of at least 2 objects: raise scene.max_objects")
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One question about one scene. ``objects`` indexes ``scene.objects``: the objects the answer is
+    about (the queried object of a "yes", the counted ones, the answer and then the anchor of a
+    relation, every object of a caption; empty for "no" and for a count of zero)."""
+
+    scene: Scene
+    question: str
+    answer: str
+    kind: QuestionKind
+    objects: tuple[int, ...]
+    subject: str = ""  # the object or shape the question names ("red circle", "triangle")
+    extras: dict[str, object] = field(default_factory=dict, compare=False)
+
+    def mask(self) -> np.ndarray:
+        """(H, W) union of the masks of ``objects``."""
+        return self.scene.mask_of(self.objects)
+
+
+def all_objects(config: SceneConfig) -> list[str]:
+    """Every colour-shape name the world can draw, in vocabulary order (shape, then colour)."""
+    return [f"{colour} {shape}" for shape in config.shapes for colour in config.colours]
+
+
+@functools.lru_cache(maxsize=32)
+def _partner_map(names: tuple[str, ...], seed: int) -> dict[str, str]:
+    order = np.random.default_rng([seed, 0xC00C]).permutation(len(names)).tolist()
+    pairs: dict[str, str] = {}
+    for a, b in zip(order[0::2], order[1::2], strict=False):
+        pairs[names[a]], pairs[names[b]] = names[b], names[a]
+    return pairs
+
+
+def partner_map(config: VqaConfig) -> dict[str, str]:
+    """The fixed couples: ``partner_map(cfg)["red circle"]`` is the object that co-occurs with it.
+    A random perfect matching of the world's objects (one object is left single when their number is
+    odd), fixed by ``partner_seed``; the same for every ``co_occurrence``, so a de-biased and a
+    co-occurrence-trained model can be probed with the same adversarial questions."""
+    return dict(_partner_map(tuple(all_objects(config.scene)), config.partner_seed))
+
+
+def canonical_caption(objects: Sequence[SceneObject], config: SceneConfig) -> str:
+    """"red circle , blue star": every object once, ordered by shape then colour (vocabulary order)."""
+    shape_rank = {s: i for i, s in enumerate(config.shapes)}
+    colour_rank = {c: i for i, c in enumerate(config.colours)}
+    ordered = sorted(objects, key=lambda o: (shape_rank[o.shape], colour_rank[o.colour]))
+    return " , ".join(o.name for o in ordered)
+
+
+def caption_mentions(text: str, config: SceneConfig) -> list[str]:
+    """The object names ("red circle") a generated caption mentions, in order: every colour word
+    followed by a shape word. Used by CHAIR; words that form no name are ignored."""
+    words = re.sub(r"([^\w\s])", r" \1 ", text.lower()).split()  # punctuation marks are words of their own
+    colours, shapes = set(config.colours), set(config.shapes)
+    return [f"{a} {b}" for a, b in zip(words, words[1:], strict=False) if a in colours and b in shapes]
+
+
+class SceneQA:
+    """A deterministic, random-access set of questions: ``SceneQA(cfg, seed)[i]`` is always the same
+    :class:`QAItem`. ``kind=`` restricts it to one question kind (evaluation per kind)."""
+
+    def __init__(
+        self, config: VqaConfig | None = None, seed: int = 0, length: int = 10_000, kind: QuestionKind | None = None
+    ) -> None:
+        self.config = config or VqaConfig()
+        if kind is not None and kind not in QUESTION_KINDS:
+            raise ValueError(f"kind must be one of {QUESTION_KINDS}; got {kind!r}")
+        self.kind = kind
+        self.seed = int(seed)
+        self.length = int(length)
+        # the scene world's seed space is shared with other users: keep this one apart
+        self.world = SceneWorld(self.config.scene, seed=self.seed * 7 + 5, length=self.length)
+        kinds = [k for k, _ in self.config.kinds]
+        weights = np.array([w for _, w in self.config.kinds], np.float64)
+        self._kinds = kinds
+        self._cumulative = np.cumsum(weights / weights.sum()).tolist()
+        self._partners = partner_map(self.config)
+        self._names = all_objects(self.config.scene)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[QAItem]:
+        return (self[i] for i in range(self.length))
+
+    def __getitem__(self, index: int) -> QAItem:
+        index = int(index)
+        if index < 0:
+            raise IndexError("question indices are non-negative")
+        rng = self.world.stream(index)
+        if self.kind is not None:
+            kind = self.kind
+            rng.random()  # keep the stream's layout the same as without kind=
+        else:
+            u = rng.random()
+            kind = self._kinds[next((k for k, c in enumerate(self._cumulative) if u < c), len(self._kinds) - 1)]
+        make = getattr(self, f"_{kind}")
+        return make(index, rng)
+
+    # -- scenes --------------------------------------------------------------------------------------
+    def _size(self, rng: np.random.Generator) -> tuple[str, int]:
+        cfg = self.config.scene
+        name, px = cfg.sizes[int(rng.integers(len(cfg.sizes)))]
+        return name, px + int(rng.integers(-cfg.size_jitter, cfg.size_jitter + 1))
+
+    def _objects(self, count: int, rng: np.random.Generator) -> list[tuple[str, str, tuple[str, int]]]:
+        """``count`` distinct colour-shape objects; with co-occurrence, each may bring its partner."""
+        chosen: list[str] = []
+        while len(chosen) < count:
+            free = [n for n in self._names if n not in chosen]
+            name = free[int(rng.integers(len(free)))]
+            chosen.append(name)
+            partner = self._partners.get(name)
+            if (
+                len(chosen) < count
+                and partner is not None
+                and partner not in chosen
+                and rng.random() < self.config.co_occurrence
+            ):
+                chosen.append(partner)
+        order = rng.permutation(len(chosen)).tolist()  # partners are not always painted one after the other
+        return [(*reversed(chosen[k].split(" ")), self._size(rng)) for k in order]  # type: ignore[misc]
+
+    def _scene(self, index: int, rng: np.random.Generator, count: int | None = None) -> Scene:
+        cfg = self.config.scene
+        if count is None:
+            count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+        return self.world.draw(index, rng, objects=self._objects(count, rng))
+
+    # -- question kinds -----------------------------------------------------------------------------
+    def _existence(self, index: int, rng: np.random.Generator) -> QAItem:
+        scene = self._scene(index, rng)
+        names = [o.name for o in scene.objects]
+        suffix = " in the image" if rng.random() < 0.5 else ""
+        if rng.random() < 0.5:
+            k = int(rng.integers(len(names)))
+            return QAItem(scene, f"is there a {names[k]}{suffix} ?", "yes", "existence", (k,), names[k])
+        # a hard negative a third of the time each: same shape, same colour, or any absent object
+        absent = [n for n in self._names if n not in names]
+        ref = scene.objects[int(rng.integers(len(names)))]
+        style = int(rng.integers(3))
+        pool = [n for n in absent if (style == 0 and n.endswith(f" {ref.shape}")) or (style == 1 and n.startswith(f"{ref.colour} "))]
+        pool = pool or absent
+        name = pool[int(rng.integers(len(pool)))]
+        return QAItem(scene, f"is there a {name}{suffix} ?", "no", "existence", (), name)
+
+    def _attribute(self, index: int, rng: np.random.Generator) -> QAItem:
+        for _ in range(20):
+            scene = self._scene(index, rng)
+            objs = scene.objects
+            shapes = [o.shape for o in objs]
+            colours = [o.colour for o in objs]
+            style = int(rng.integers(3))
+            k = int(rng.integers(len(objs)))
+            o = objs[k]
+            if style == 0 and shapes.count(o.shape) == 1:
+                return QAItem(scene, f"what colour is the {o.shape} ?", o.colour, "attribute", (k,), o.shape)
+            if style == 1 and colours.count(o.colour) == 1:
+                return QAItem(scene, f"what shape is the {o.colour} object ?", o.shape, "attribute", (k,), o.colour)
+            if style == 2:
+                return QAItem(scene, f"what size is the {o.name} ?", o.size, "attribute", (k,), o.name)
+        return QAItem(scene, f"what size is the {o.name} ?", o.size, "attribute", (k,), o.name)
+
+    def _count(self, index: int, rng: np.random.Generator) -> QAItem:
+        cfg = self.config.scene
+        if rng.random() < 0.25:
+            scene = self._scene(index, rng)
+            n = len(scene.objects)
+            return QAItem(scene, "how many objects are there ?", NUMBER_WORDS[n], "count", tuple(range(n)), "object")
+        shape = cfg.shapes[int(rng.integers(len(cfg.shapes)))]
+        wanted = int(rng.integers(0, min(MAX_COUNT, cfg.max_objects, len(cfg.colours)) + 1))
+        total = int(rng.integers(max(wanted, cfg.min_objects), cfg.max_objects + 1))
+        colours = rng.permutation(len(cfg.colours))[:wanted].tolist()
+        others = [n for n in self._names if not n.endswith(f" {shape}")]
+        picks = rng.permutation(len(others))[: total - wanted].tolist()
+        names = [f"{cfg.colours[c]} {shape}" for c in colours] + [others[p] for p in picks]
+        objects = [(*reversed(n.split(" ")), self._size(rng)) for n in (names[k] for k in rng.permutation(len(names)))]
+        scene = self.world.draw(index, rng, objects=objects)  # type: ignore[arg-type]
+        members = tuple(k for k, o in enumerate(scene.objects) if o.shape == shape)  # what was placed
+        question = f"how many {PLURALS[shape]} are there ?"
+        return QAItem(scene, question, NUMBER_WORDS[len(members)], "count", members, shape)
+
+    def _relation(self, index: int, rng: np.random.Generator) -> QAItem:
+        cfg = self.config.scene
+        margin = cfg.relation_margin * cfg.image_size
+        for _ in range(50):
+            scene = self._scene(index, rng, count=int(rng.integers(max(2, cfg.min_objects), cfg.max_objects + 1)))
+            options = unique_relations(scene.objects, margin)
+            if options:
+                target, said, anchor = options[int(rng.integers(len(options)))]
+                objs = scene.objects
+                return QAItem(
+                    scene, f"what is {said} the {objs[anchor].name} ?", objs[target].name, "relation",
+                    (target, anchor), objs[anchor].name, {"relation": said},
+                )
+        raise RuntimeError("no scene with a clear relation in 50 draws: the scene config is too crowded")
+
+    def _caption(self, index: int, rng: np.random.Generator) -> QAItem:
+        scene = self._scene(index, rng)
+        answer = canonical_caption(scene.objects, self.config.scene)
+        return QAItem(scene, "describe the image .", answer, "caption", tuple(range(len(scene.objects))))
+
+
+def unique_relations(objects: Sequence[SceneObject], margin_px: float) -> list[tuple[int, str, int]]:
+    """Every (target, relation, anchor) such that ``target`` is the only object in that relation to
+    ``anchor`` and no other object's relation to the anchor is unclear (too close to call)."""
+    found = []
+    for anchor in range(len(objects)):
+        said = {k: relation(objects[k], objects[anchor], margin_px) for k in range(len(objects)) if k != anchor}
+        if any(v is None for v in said.values()):
+            continue
+        for rel in RELATIONS:
+            holders = [k for k, v in said.items() if v == rel]
+            if len(holders) == 1:
+                found.append((holders[0], rel, anchor))
+    return found
+
+
+def pope_probes(
+    scenes: Sequence[Scene], split: PopeSplit, config: VqaConfig | None = None, per_image: int = 3, seed: int = 0
+) -> list[QAItem]:
+    """POPE (Li et al. 2023): per scene, up to ``per_image`` present objects ("yes") and as many
+    absent ones ("no"), asked as "is there a {object} in the image ?".
+
+    Absent objects are drawn uniformly (``random``), by how often the training distribution shows
+    them (``popular``; under the default uniform object draws every object is equally frequent, so
+    this split then matches ``random``), or from the partners of the present objects first
+    (``adversarial``: the co-occurrence couples of :func:`partner_map`), topped up at random.
+    """
+    if split not in POPE_SPLITS:
+        raise ValueError(f"split must be one of {POPE_SPLITS}; got {split!r}")
+    if per_image < 1:
+        raise ValueError("per_image must be a positive integer")
+    config = config or VqaConfig()
+    partners = partner_map(config)
+    names = all_objects(config.scene)
+    frequency = object_frequencies(config) if split == "popular" else None
+    rng = np.random.default_rng([seed, 0x9095, POPE_SPLITS.index(split)])
+    probes: list[QAItem] = []
+    for scene in scenes:
+        present = [o.name for o in scene.objects]
+        absent = [n for n in names if n not in present]
+        k = min(per_image, len(present), len(absent))
+        for i in rng.permutation(len(present))[:k].tolist():
+            probes.append(QAItem(scene, f"is there a {present[i]} in the image ?", "yes", "existence", (i,),
+                                 present[i], {"pope": split}))
+        if split == "random":
+            negatives = [absent[j] for j in rng.permutation(len(absent))[:k].tolist()]
+        elif split == "popular":
+            assert frequency is not None
+            ties = rng.random(len(absent))  # equal frequencies are ordered at random
+            negatives = [absent[j] for j in np.lexsort((ties, [-frequency[a] for a in absent]))[:k].tolist()]
+        else:
+            linked = [partners[p] for p in present if partners.get(p) in absent]
+            linked = list(dict.fromkeys(linked))
+            rest = [a for a in absent if a not in linked]
+            negatives = (linked + [rest[j] for j in rng.permutation(len(rest)).tolist()])[:k]
+        for name in negatives:
+            probes.append(QAItem(scene, f"is there a {name} in the image ?", "no", "existence", (), name,
+                                 {"pope": split}))
+    return probes
+
+
+def object_frequencies(config: VqaConfig, samples: int = 2000) -> dict[str, float]:
+    """How often each object appears in a scene of the training distribution (a sample of
+    ``samples`` caption scenes of training seed 0)."""
+    names = all_objects(config.scene)
+    counts = dict.fromkeys(names, 0)
+    qa = SceneQA(config, seed=0, length=samples, kind="caption")
+    for item in qa:
+        for o in item.scene.objects:
+            counts[o.name] += 1
+    return {n: c / samples for n, c in counts.items()}
+
+
+def held_out(config: VqaConfig | None = None, seed: int = 0, length: int = 500, kind: QuestionKind | None = None) -> SceneQA:
+    """Questions from a seed no training run uses (``HELD_OUT_SEED + seed``)."""
+    return SceneQA(config, seed=HELD_OUT_SEED + seed, length=length, kind=kind)

@@ -1,0 +1,275 @@
+"""Training of the embedded generative VLM ``scene-llava`` (``mmelkit train vlm``).
+
+The model is ``transformers.LlavaForConditionalGeneration`` (see ``mmelkit.models.vlm.scene_llava``)
+trained by teacher forcing on scene-world questions (``mmelkit.datasets.vqa``): cross-entropy on
+the answer tokens and the closing ``</s>``, nothing on the prompt. The vision tower starts from
+``scene-clip``'s and learns at a lower rate than the projector and decoder.
+
+Resumable and deterministic: batch ``s`` is questions ``[s * batch, (s + 1) * batch)`` of the
+training seed, so a resumed run sees what an uninterrupted one would; model, optimiser and step
+are written to ``<out_dir>/last.pt`` at the end of every epoch (``steps_per_epoch`` steps), and a
+run with the same out_dir and config continues from there (a longer ``steps`` extends it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mmelkit.datasets.scenes import SceneConfig
+from mmelkit.datasets.vqa import HELD_OUT_SEED, SceneQA, VqaConfig
+from mmelkit.models.images import OPENAI_MEAN, OPENAI_STD
+from mmelkit.models.loading import resolve_device
+from mmelkit.models.vlm import scene_llava
+from mmelkit.training.export import describe_hardware
+
+
+@dataclass
+class VlmTrainConfig:
+    """Everything a scene-llava training run depends on."""
+
+    co_occurrence: float = 0.0  # the VqaConfig knob: 0 de-biased, 0.9 the co-occurrence-trained model
+    data_seed: int = 0
+    init_seed: int = 0
+    steps: int = 3000
+    steps_per_epoch: int = 250  # one checkpoint per epoch
+    batch_size: int = 64
+    lr: float = 1e-3
+    vision_lr_scale: float = 0.2  # the vision tower starts trained (scene-clip): move it less
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    log_every: int = 25
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; or "fp32" / "bf16"
+    vision_from_scene_clip: bool = True
+    # architecture overrides (tests use tiny ones): keys of scene_llava.SCENE_TEXT / SCENE_VISION
+    text: dict[str, int] = field(default_factory=dict)
+    vision: dict[str, int] = field(default_factory=dict)
+    max_objects: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "steps_per_epoch", "batch_size", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.data_seed < 0 or self.data_seed >= HELD_OUT_SEED:
+            raise ValueError(f"data_seed must lie in [0, {HELD_OUT_SEED}): higher seeds are held out for evaluation")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16'; got {self.precision!r}")
+        if self.lr <= 0 or self.vision_lr_scale < 0:
+            raise ValueError("lr must be positive and vision_lr_scale non-negative")
+        VqaConfig(co_occurrence=self.co_occurrence)  # validates the probability
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed (not steps: a run may be extended)."""
+        keep = asdict(self)
+        for key in ("steps", "log_every"):
+            keep.pop(key)
+        return keep
+
+    def vqa(self) -> VqaConfig:
+        image_size = self.vision.get("image_size", scene_llava.SCENE_VISION["image_size"])
+        scene = SceneConfig(max_objects=self.max_objects).scaled(image_size) if image_size != 64 else SceneConfig(
+            max_objects=self.max_objects
+        )
+        return VqaConfig(scene=scene, co_occurrence=self.co_occurrence)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "scene-llava": {"co_occurrence": 0.0},
+    "scene-llava-cooc": {"co_occurrence": 0.9},
+}
+
+
+class QuestionBatcher:
+    """Turns QA items into model inputs: pixels, input ids (``<image>`` expanded to V tokens, right
+    padded), attention mask and labels (-100 except on answer tokens and ``</s>``)."""
+
+    def __init__(self, tokenizer: Any, num_visual_tokens: int, image_token_id: int, device: torch.device) -> None:
+        self.tokenizer, self.device = tokenizer, device
+        self.visual = [image_token_id] * num_visual_tokens
+        self.image_token_id = image_token_id
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+        self._ids: dict[str, list[int]] = {}
+        self.mean = torch.tensor(OPENAI_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(OPENAI_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def ids(self, text: str) -> list[int]:
+        cached = self._ids.get(text)
+        if cached is None:
+            cached = self._ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return cached
+
+    def prompt_ids(self, question: str) -> list[int]:
+        ids = self.ids(scene_llava.PLAIN_TEMPLATE.format(question=question))
+        at = ids.index(self.image_token_id)
+        return ids[:at] + self.visual + ids[at + 1 :]
+
+    def __call__(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        import numpy as np
+
+        rows, labels = [], []
+        for item in items:
+            prompt = self.prompt_ids(item.question)
+            answer = self.ids(item.answer) + [self.eos]
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        label_ids = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            label_ids[i, : len(row)] = torch.tensor(label)
+            mask[i, : len(row)] = 1
+        images = torch.from_numpy(np.stack([item.scene.image for item in items])).to(self.device)
+        pixels = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        return {
+            "pixel_values": pixels,
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+            "labels": label_ids.to(self.device),
+        }
+
+
+def new_model(config: VlmTrainConfig) -> Any:
+    model_config = scene_llava.build_config(text=config.text, vision=config.vision)
+    return scene_llava.build_model(config.init_seed, config.vision_from_scene_clip, model_config)
+
+
+def _param_groups(model: Any, config: VlmTrainConfig) -> list[dict[str, Any]]:
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        vision = name.startswith("model.vision_tower.")
+        decay = parameter.ndim >= 2 and "embed" not in name
+        groups.setdefault((vision, decay), []).append(parameter)
+    return [
+        {
+            "params": params,
+            "weight_decay": config.weight_decay if decay else 0.0,
+            "lr_scale": config.vision_lr_scale if vision else 1.0,
+        }
+        for (vision, decay), params in groups.items()
+    ]
+
+
+def _lr_factor(step: int, config: VlmTrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens (labels != -100), next-token shifted."""
+    labels = batch["labels"]
+    logits = model(
+        input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+    ).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def train_vlm(
+    config: VlmTrainConfig,
+    out_dir: str | Path,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    max_seconds: float | None = None,
+) -> Path:
+    """Train (or resume) scene-llava and return the path of the last checkpoint (``last.pt``).
+
+    ``max_seconds`` stops cleanly (checkpoint written) after that much wall time, so that a long CPU
+    run can proceed in slices across sessions.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = resolve_device(device)
+    model = new_model(config).to(target)
+    groups = _param_groups(model, config)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
+    start_step, elapsed = 0, 0.0
+    checkpoint_path = out / "last.pt"
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=target, weights_only=False)
+        if state["fingerprint"] != config.fingerprint():
+            raise ValueError(
+                f"{checkpoint_path} was written with another config ({state['config']}); use a new out_dir "
+                "(nothing was overwritten)"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, elapsed = state["step"], state.get("seconds", 0.0)
+    if start_step >= config.steps:
+        return checkpoint_path
+
+    questions = SceneQA(config.vqa(), seed=config.data_seed, length=config.steps * config.batch_size)
+    vision = model.config.vision_config
+    grid = vision.image_size // vision.patch_size
+    batcher = QuestionBatcher(scene_llava.build_tokenizer(), grid * grid, model.config.image_token_id, target)
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and target.type == "cuda")
+    log_path = out / "log.jsonl"
+    started = time.time()
+
+    def save(step: int) -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "seconds": elapsed + time.time() - started,
+            "config": asdict(config),
+            "fingerprint": config.fingerprint(),
+            "hardware": describe_hardware(target),
+        }
+        torch.save(state, out / "last.tmp")
+        (out / "last.tmp").replace(checkpoint_path)  # atomic: an interrupted save leaves the old one
+
+    model.train()
+    bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc="train vlm", unit="step")
+    with log_path.open("a") as log:
+        for step in range(start_step, config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * group["lr_scale"] * _lr_factor(step, config)
+            first = step * config.batch_size
+            batch = batcher([questions[i] for i in range(first, first + config.batch_size)])
+            with torch.autocast(target.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = answer_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            done = step + 1
+            bar.update(1)
+            if done % config.log_every == 0 or done == config.steps:
+                value = float(loss.detach())
+                bar.set_postfix(loss=f"{value:.3f}")
+                seconds = round(elapsed + time.time() - started, 1)
+                log.write(json.dumps({"step": done, "loss": value, "seconds": seconds}) + "\n")
+                log.flush()
+            out_of_time = max_seconds is not None and time.time() - started > max_seconds
+            if done % config.steps_per_epoch == 0 or done == config.steps or out_of_time:
+                save(done)
+            if out_of_time:
+                break
+    bar.close()
+    model.eval()
+    return checkpoint_path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, VlmTrainConfig]:
+    """The model (eval mode) and config of a training checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no training checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    config = VlmTrainConfig(**state["config"])
+    model = new_model(VlmTrainConfig(**{**state["config"], "vision_from_scene_clip": False}))
+    model.load_state_dict(state["model"])
+    return model.to(resolve_device(device)).eval(), config
