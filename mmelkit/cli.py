@@ -27,19 +27,22 @@ Subparsers = Any  # argparse's _SubParsersAction, which has no public name
 def _add_models(commands: Subparsers) -> None:
     parser = commands.add_parser(
         "models",
-        help="list the model zoo: short names load_model() resolves without a download",
-        description="List the short model names mmelkit.load_model() understands without any download.",
+        help="list the model zoo: short names load_model() and load_vlm() resolve without a download",
+        description="List the short model names mmelkit.load_model() (CLIP-style models) and "
+        "mmelkit.load_vlm() (generative VLMs) understand without any download.",
     )
     parser.set_defaults(handler=_models)
 
 
 def _models(args: argparse.Namespace) -> int:
     from mmelkit.models import list_zoo
+    from mmelkit.models.vlm.loading import VLM_ZOO, list_vlm_zoo
 
-    zoo = list_zoo()
+    zoo = {**list_zoo(), **list_vlm_zoo()}
     width = max(map(len, zoo), default=0)
     for name, description in zoo.items():
-        print(f"{name:<{width}}  {description}")
+        kind = "vlm " if name in VLM_ZOO else "clip"
+        print(f"{name:<{width}}  {kind}  {description}")
     return EXIT_OK
 
 

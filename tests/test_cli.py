@@ -28,7 +28,9 @@ def test_help_lists_commands():
 
 def test_models_lists_the_zoo(capsys: pytest.CaptureFixture[str]):
     assert main(["models"]) == 0
-    assert "toy-random" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "toy-random" in out
+    assert any(line.split()[:2] == ["scene-llava", "vlm"] for line in out.splitlines())
 
 
 def test_no_command_shows_usage(capsys: pytest.CaptureFixture[str]):

@@ -118,14 +118,15 @@ def test_train_vlm_cli_never_exports_over_a_model_without_force(tmp_path, monkey
 
 
 def test_export_refuses_to_overwrite_and_replaces_only_when_asked(tmp_path) -> None:
-    from mmelkit.training.vlm_export import META_FILE, WEIGHTS_FILE, export_vlm, sha256
+    from mmelkit.models.vlm.loading import sha256_file
+    from mmelkit.training.vlm_export import META_FILE, WEIGHTS_FILE, export_vlm
 
     checkpoint = train_vlm(tiny(steps=1), tmp_path / "run", device="cpu", progress=False)
     folder = export_vlm(checkpoint, name="tiny", out_dir=tmp_path / "models")
     import json
 
     meta = json.loads((folder / META_FILE).read_text())
-    assert meta["sha256"][WEIGHTS_FILE] == sha256(folder / WEIGHTS_FILE)
+    assert meta["sha256"][WEIGHTS_FILE] == sha256_file(folder / WEIGHTS_FILE)
     assert (folder / "config.json").is_file() and (folder / "README.md").is_file()
     with pytest.raises(FileExistsError, match="overwrite"):
         export_vlm(checkpoint, name="tiny", out_dir=tmp_path / "models")

@@ -81,7 +81,8 @@ def _answers(vlm: Any, items: list[QAItem], batch_size: int, max_new_tokens: int
     texts: list[str] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        result = vlm.generate([i.scene.image for i in chunk], [i.question for i in chunk], max_new_tokens=max_new_tokens)
+        result = vlm.generate([i.scene.image for i in chunk], [i.question for i in chunk],
+                              max_new_tokens=max_new_tokens, batch_size=batch_size)
         texts += result.texts
     return texts
 

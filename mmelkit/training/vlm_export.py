@@ -9,7 +9,6 @@ weights' SHA-256 (checked by ``load_vlm``), the training facts and the measured 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,18 +17,11 @@ from typing import Any
 import torch
 
 from mmelkit.models.vlm import scene_llava
+from mmelkit.models.vlm.loading import CHECKSUM_FILE, sha256_file
 from mmelkit.training.export import MODELS_DIR, describe_hardware
 
 WEIGHTS_FILE = "model.safetensors"
-META_FILE = "mmelkit.json"
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+META_FILE = CHECKSUM_FILE  # the weights' SHA-256, training facts and quality
 
 
 def export_vlm(
@@ -60,7 +52,7 @@ def export_vlm(
     meta = {
         "name": name,
         "architecture": "transformers LlavaForConditionalGeneration (CLIP vision tower, 2-layer projector, Llama decoder)",
-        "sha256": {WEIGHTS_FILE: sha256(staging / WEIGHTS_FILE)},
+        "sha256": {WEIGHTS_FILE: sha256_file(staging / WEIGHTS_FILE)},
         "parameters": sum(p.numel() for p in model.parameters()),
         "training": {
             "config": state["config"],

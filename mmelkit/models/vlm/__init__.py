@@ -7,16 +7,16 @@
     out.texts                                       # greedy answers
 """
 
-from mmelkit.models.vlm.adapter import (
+from mmelkit.models.vlm.adapter import VlmAdapter
+from mmelkit.models.vlm.loading import VLM_ZOO, VlmZooEntry, list_vlm_zoo, load_vlm, verify_checksums
+from mmelkit.models.vlm.records import (
     AnswerLogprob,
     DecodeStep,
     DecodeStream,
     GenerateOutput,
     LogitsHook,
-    VlmAdapter,
     VlmBatch,
 )
-from mmelkit.models.vlm.loading import VLM_ZOO, VlmZooEntry, list_vlm_zoo, load_vlm, verify_checksums
 from mmelkit.models.vlm.tracing import DecoderLayerTrace, LayerTrace, VisionLayerTrace, VlmTrace
 
 __all__ = [

@@ -5,17 +5,14 @@ decodes greedily with its own KV-cache loop (:class:`DecodeStream`, with a ``log
 decoding strategies that combine the logits of a second forward pass), scores answers by teacher
 forcing, runs the model on given visual tokens, and traces (:mod:`mmelkit.models.vlm.tracing`).
 
-Batch layout: prompts are LEFT padded, so every prompt ends in the same column and the first
-answer token (generated or teacher forced) sits in the column after it; answers are then right
-padded (mask 0). Position ids are ``cumsum(attention_mask) - 1``, so padding changes no result.
+The records it returns and the decoding stream live in :mod:`mmelkit.models.vlm.records`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +22,17 @@ from tqdm.auto import tqdm
 
 from mmelkit.models.images import OPENAI_MEAN, OPENAI_STD, as_image_list, preprocess_images
 from mmelkit.models.tracing import BlockSelection
+from mmelkit.models.vlm.records import (
+    AnswerLogprob,
+    Decoded,
+    DecodeStep,
+    DecodeStream,
+    GenerateOutput,
+    LogitsHook,
+    VlmBatch,
+    cat_logprobs,
+    span_tensors,
+)
 from mmelkit.models.vlm.tracing import (
     VlmParts,
     VlmTrace,
@@ -35,142 +43,6 @@ from mmelkit.models.vlm.tracing import (
 )
 
 TextsLike = str | Sequence[str]
-
-
-# -- records ----------------------------------------------------------------------------------------
-@dataclass(eq=False)
-class VlmBatch:
-    """Model input for N (image, prompt[, answer]) rows, on the model's device.
-
-    ``visual_positions[i]`` are the V columns of row i that hold its visual tokens, in patch-grid
-    order. With answers, ``answer_spans[i] = (start, end)``: the answer's tokens (and the eos, when
-    appended) are ``input_ids[i, start:end]``; ``answer_positions``/``answer_mask`` hold the same
-    columns as an (N, T) tensor padded with 0 / False.
-    """
-
-    input_ids: torch.Tensor  # (N, L) long
-    attention_mask: torch.Tensor  # (N, L) long, 0 on padding
-    pixel_values: torch.Tensor  # (N, 3, H, W)
-    visual_positions: torch.Tensor  # (N, V) long
-    prompts: list[str]
-    answer_spans: list[tuple[int, int]] | None = None
-    answer_positions: torch.Tensor | None = None  # (N, T) long
-    answer_mask: torch.Tensor | None = None  # (N, T) bool
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    @property
-    def position_ids(self) -> torch.Tensor:
-        """``cumsum(attention_mask) - 1`` (0 on left padding): padding shifts no position."""
-        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-    def require_answers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.answer_positions is None or self.answer_mask is None:
-            raise ValueError("this batch has no answers: encode it with answers=...")
-        return self.answer_positions, self.answer_mask
-
-
-@dataclass(eq=False)
-class AnswerLogprob:
-    """Per-token log-probabilities of teacher-forced answers (float32, on the model's device)."""
-
-    token_logprobs: torch.Tensor  # (N, T), 0 where mask is False
-    token_ids: torch.Tensor  # (N, T) the scored tokens (pad where mask is False)
-    mask: torch.Tensor  # (N, T) bool
-    total: torch.Tensor  # (N,) sum over each row's answer tokens
-
-
-@dataclass(eq=False)
-class GenerateOutput:
-    """Greedy answers of :meth:`VlmAdapter.generate`.
-
-    ``token_ids[i]`` are row i's generated tokens, ending with the eos when the row stopped there
-    (``finished[i]``); ``texts`` are them decoded with special tokens stripped. ``sequences`` and
-    ``attention_mask`` (N, L) hold prompt and answer, left padded; ``answer_spans[i]`` are the
-    columns of ``token_ids[i]`` in ``sequences``. :meth:`to_batch` turns this into a teacher-forced
-    :class:`VlmBatch` of exactly these tokens (for explaining the answers).
-    """
-
-    texts: list[str]
-    token_ids: list[torch.Tensor]
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    answer_spans: list[tuple[int, int]]
-    visual_positions: torch.Tensor
-    prompts: list[str]
-    finished: torch.Tensor  # (N,) bool
-
-    def to_batch(self, pixel_values: torch.Tensor) -> VlmBatch:
-        """The generated sequences as a batch with answers; ``pixel_values`` (N, 3, H, W) from
-        :meth:`VlmAdapter.preprocess` of the same images."""
-        if pixel_values.dim() != 4 or pixel_values.shape[0] != len(self.texts):
-            raise ValueError(
-                f"pixel_values must be (N, 3, H, W) with N = {len(self.texts)}; got {tuple(pixel_values.shape)}"
-            )
-        positions, mask = _span_tensors(self.answer_spans, self.sequences.device)
-        return VlmBatch(self.sequences, self.attention_mask, pixel_values.to(self.sequences.device),
-                        self.visual_positions, list(self.prompts), list(self.answer_spans), positions, mask)
-
-
-@dataclass(eq=False)
-class DecodeStep:
-    """What a ``logits_hook`` sees at each decoding step.
-
-    ``index`` 0 is the prediction after the prompt (``last_tokens`` is None), index t the one after
-    t generated tokens; ``sequences`` (N, L0 + t) holds everything fed so far. A hook that runs a
-    second model stream (contrastive decoding) starts it at index 0 with
-    :meth:`VlmAdapter.decode_stream` and feeds it ``last_tokens`` afterwards.
-    """
-
-    index: int
-    batch: VlmBatch
-    last_tokens: torch.Tensor | None
-    sequences: torch.Tensor
-    finished: torch.Tensor
-
-
-LogitsHook = Callable[[torch.Tensor, DecodeStep], torch.Tensor]
-
-
-class DecodeStream:
-    """One batch decoded token by token with its own KV cache.
-
-    ``prefill()`` runs the prompt and returns the next-token logits (N, vocab); each
-    ``step(tokens)`` feeds one token per row and returns the next logits. Positions continue from
-    each row's own last position, so left padding changes nothing.
-    """
-
-    def __init__(self, adapter: VlmAdapter, batch: VlmBatch, visual_embeds: torch.Tensor | None = None) -> None:
-        self.adapter = adapter
-        self.batch = batch
-        self.visual_embeds = visual_embeds
-        self.attention_mask = batch.attention_mask
-        self.cache: Any = None
-        self._last_position: torch.Tensor | None = None
-
-    def prefill(self) -> torch.Tensor:
-        output = self.adapter.forward(self.batch, self.visual_embeds, use_cache=True, logits_to_keep=1)
-        self.cache = getattr(output, self.adapter.cache_kwarg)
-        self._last_position = self.batch.position_ids[:, -1]
-        return output.logits[:, -1]
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self._last_position is None:
-            raise RuntimeError("call prefill() before step()")
-        tokens = tokens.to(self.attention_mask.device).view(-1, 1)
-        ones = torch.ones_like(tokens, dtype=self.attention_mask.dtype)
-        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
-        self._last_position = self._last_position + 1
-        output = self.adapter.model(
-            input_ids=tokens,
-            attention_mask=self.attention_mask,
-            position_ids=self._last_position[:, None],
-            use_cache=True,
-            **{self.adapter.cache_kwarg: self.cache},
-        )
-        self.cache = getattr(output, self.adapter.cache_kwarg)
-        return output.logits[:, -1]
 
 
 # -- the adapter ------------------------------------------------------------------------------------
@@ -459,7 +331,7 @@ class VlmAdapter:
         batch = VlmBatch(input_ids, mask, pixels, self._visual_positions(input_ids), list(prompts))
         if answers is not None:
             batch.answer_spans = [(width_p, width_p + len(extra)) for extra in answer_ids]
-            batch.answer_positions, batch.answer_mask = _span_tensors(batch.answer_spans, self.device)
+            batch.answer_positions, batch.answer_mask = span_tensors(batch.answer_spans, self.device)
         return batch
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
@@ -568,7 +440,7 @@ class VlmAdapter:
         size = _positive(batch_size, "batch_size")
         source, prompts = self._pairs(images, questions, template)
         chunks = [range(start, min(start + size, len(prompts))) for start in range(0, len(prompts), size)]
-        parts: list[_Decoded] = []
+        parts: list[Decoded] = []
         with torch.no_grad():
             for rows in tqdm(chunks, disable=not progress or len(chunks) == 1, desc="generate", unit="batch"):
                 batch = self._encode_rows(source.take(rows), [prompts[i] for i in rows], None, True)
@@ -581,7 +453,7 @@ class VlmAdapter:
                 parts.append(self._greedy(batch, max_new_tokens, stop_at_eos, logits_hook))
         return self._merge(parts)
 
-    def _greedy(self, batch: VlmBatch, max_new_tokens: int, stop_at_eos: bool, hook: LogitsHook | None) -> _Decoded:
+    def _greedy(self, batch: VlmBatch, max_new_tokens: int, stop_at_eos: bool, hook: LogitsHook | None) -> Decoded:
         stream = self.decode_stream(batch)
         logits = stream.prefill()
         n = len(batch)
@@ -608,9 +480,9 @@ class VlmAdapter:
                 logits = stream.step(last)
         generated = torch.stack(new_tokens, dim=1)
         keep = torch.arange(generated.shape[1], device=self.device)[None] < lengths[:, None].clamp(max=generated.shape[1])
-        return _Decoded(batch, generated, keep, finished)
+        return Decoded(batch, generated, keep, finished)
 
-    def _merge(self, parts: list[_Decoded]) -> GenerateOutput:
+    def _merge(self, parts: list[Decoded]) -> GenerateOutput:
         width = max(p.batch.input_ids.shape[1] + p.generated.shape[1] for p in parts)
         sequences, masks, positions = [], [], []
         texts, token_ids, spans, prompts, finished = [], [], [], [], []
@@ -660,7 +532,7 @@ class VlmAdapter:
             keep = batch.input_ids.shape[1] - int(positions.min()) + 1
             logits = self.forward(batch, logits_to_keep=keep).logits
             results.append(self.answer_logprob_from_logits(logits, batch))
-        return _cat_logprobs(results, self.pad_token_id)
+        return cat_logprobs(results, self.pad_token_id)
 
     def answer_logprob_from_logits(self, logits: torch.Tensor, batch: VlmBatch) -> AnswerLogprob:
         """Answer log-probabilities from a forward pass's logits on ``batch`` (which has answers).
@@ -728,15 +600,7 @@ class VlmAdapter:
                     self._traces.remove(trace)
 
 
-# -- helpers ----------------------------------------------------------------------------------------
-@dataclass(eq=False)
-class _Decoded:
-    batch: VlmBatch
-    generated: torch.Tensor  # (n, T) tokens, pad after each row's eos
-    keep: torch.Tensor  # (n, T) bool: the row's answer tokens (eos included)
-    finished: torch.Tensor  # (n,) bool
-
-
+# -- helpers ----------------------------------------------------------------------------------------# -- helpers ----------------------------------------------------------------------------------------
 class _ImageSource:
     """The images of a call, preprocessed chunk by chunk (one image for many rows: once)."""
 
@@ -792,30 +656,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def _span_tensors(spans: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(end - start for start, end in spans)
-    offsets = torch.arange(width)
-    starts = torch.tensor([start for start, _ in spans])[:, None]
-    lengths = torch.tensor([end - start for start, end in spans])[:, None]
-    mask = offsets[None] < lengths
-    positions = torch.where(mask, starts + offsets[None], torch.zeros_like(mask, dtype=torch.long))
-    return positions.to(device), mask.to(device)
-
-
-def _cat_logprobs(parts: list[AnswerLogprob], pad: int) -> AnswerLogprob:
-    width = max(p.mask.shape[1] for p in parts)
-
-    def padded(t: torch.Tensor, value: Any) -> torch.Tensor:
-        return F.pad(t, (0, width - t.shape[1]), value=value)
-
-    return AnswerLogprob(
-        torch.cat([padded(p.token_logprobs, 0.0) for p in parts]),
-        torch.cat([padded(p.token_ids, pad) for p in parts]),
-        torch.cat([padded(p.mask, False) for p in parts]),
-        torch.cat([p.total for p in parts]),
-    )
 
 
 @contextmanager
