@@ -336,17 +336,20 @@ def _add_train_vlm(what: Subparsers) -> None:
         "goes to OUT/last.pt after every epoch; running again with the same OUT resumes (a larger --steps "
         "extends a finished run). --export evaluates the result on held-out scenes and writes the model "
         "folder data/models/<preset>/ that load_vlm('<preset>') opens.",
-        epilog="presets: " + ", ".join(f"{name} (co-occurrence {cfg['co_occurrence']})" for name, cfg in PRESETS.items()),
+        epilog="presets: " + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
+                                       for name, cfg in PRESETS.items()),
     )
     vlm.add_argument("--preset", choices=sorted(PRESETS), default="scene-llava", help="(default: %(default)s)")
     vlm.add_argument("--out", default=None, metavar="DIR", help="run folder (default: build/train/<preset>)")
-    vlm.add_argument("--steps", type=int, default=defaults.steps, help="total optimiser steps (default: %(default)s)")
-    vlm.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
-    vlm.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default: %(default)s)")
-    vlm.add_argument("--co-occurrence", type=float, default=None,
+    vlm.add_argument("--steps", type=int, help="total optimiser steps (default: the preset's)")
+    vlm.add_argument("--batch-size", type=int, help=f"(default: {defaults.batch_size})")
+    vlm.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    vlm.add_argument("--co-occurrence", type=float,
                      help="probability that an object brings its partner along (default: the preset's)")
-    vlm.add_argument("--seed", type=int, default=defaults.init_seed, help="initialisation seed (default: %(default)s)")
-    vlm.add_argument("--data-seed", type=int, default=defaults.data_seed, help="question seed (default: %(default)s)")
+    vlm.add_argument("--init-from", metavar="WEIGHTS",
+                     help="start from an exported model folder or a last.pt (default: the preset's)")
+    vlm.add_argument("--seed", type=int, help=f"initialisation seed (default: {defaults.init_seed})")
+    vlm.add_argument("--data-seed", type=int, help=f"question seed (default: {defaults.data_seed})")
     vlm.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
     vlm.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     vlm.add_argument("--export", action="store_true", help="evaluate and export to data/models/<preset>/ when done")
@@ -360,11 +363,11 @@ def _train_vlm(args: argparse.Namespace) -> int:
     from mmelkit.training.vlm_trainer import PRESETS, VlmTrainConfig, train_vlm
 
     settings = dict(PRESETS[args.preset])
-    if args.co_occurrence is not None:
-        settings["co_occurrence"] = args.co_occurrence
+    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "co_occurrence": args.co_occurrence,
+             "init_from": args.init_from, "init_seed": args.seed, "data_seed": args.data_seed}
+    settings.update({key: value for key, value in given.items() if value is not None})
     try:
-        config = VlmTrainConfig(**settings, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                init_seed=args.seed, data_seed=args.data_seed)
+        config = VlmTrainConfig(**settings)
         if args.max_minutes is not None and args.max_minutes <= 0:
             raise ValueError(f"--max-minutes must be positive; got {args.max_minutes}")
     except (ValueError, TypeError) as error:
@@ -378,7 +381,7 @@ def _train_vlm(args: argparse.Namespace) -> int:
     try:
         checkpoint = train_vlm(config, out, device=args.device, progress=not args.quiet,
                                max_seconds=args.max_minutes * 60 if args.max_minutes else None)
-    except ValueError as error:  # a checkpoint of another config in OUT
+    except (ValueError, FileNotFoundError) as error:  # a checkpoint of another config in OUT, no init weights
         print(f"mmelkit train vlm: {error}", file=sys.stderr)
         return EXIT_USAGE
     print(f"checkpoint: {checkpoint}")

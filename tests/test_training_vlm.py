@@ -140,3 +140,22 @@ def test_export_refuses_to_overwrite_and_replaces_only_when_asked(tmp_path) -> N
         torch.testing.assert_close(value, trained[key])
     processor = LlavaProcessor.from_pretrained(folder)
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+
+
+def test_continued_training_starts_from_the_given_weights(tmp_path) -> None:
+    from mmelkit.training.vlm_export import export_vlm
+    from mmelkit.training.vlm_trainer import load_weights, new_model
+
+    checkpoint = train_vlm(tiny(steps=1), tmp_path / "first", device="cpu", progress=False)
+    folder = export_vlm(checkpoint, name="tiny", out_dir=tmp_path / "models")
+    trained = load_checkpoint(checkpoint)[0].state_dict()
+    for source in (folder, checkpoint):
+        started = new_model(tiny(init_from=str(source))).state_dict()
+        for key, value in trained.items():
+            torch.testing.assert_close(started[key], value, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        load_weights(tmp_path / "nowhere")
+    # a second stage is its own run: it trains on from those weights
+    second = train_vlm(tiny(steps=1, init_from=str(folder), co_occurrence=0.9), tmp_path / "second", device="cpu",
+                       progress=False)
+    assert torch.load(second, weights_only=False)["config"]["init_from"] == str(folder)

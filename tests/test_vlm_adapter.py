@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -518,15 +517,14 @@ def test_zoo_folder_checksums(tmp_path: Path, tiny_dir: Path, monkeypatch: pytes
     assert str(weights) in str(error.value)
 
 
-def test_the_full_size_architecture_loads_fast(tmp_path: Path) -> None:
+def test_the_full_size_architecture_fits_the_size_budget_and_loads(tmp_path: Path) -> None:
+    # load time is a benchmark figure (README), not a timed assertion
     model = scene_llava.build_model(0, vision_from_scene_clip=False)
     model.save_pretrained(tmp_path)
     scene_llava.build_processor().save_pretrained(tmp_path)
     size_mb = (tmp_path / "model.safetensors").stat().st_size / 2**20
-    began = time.perf_counter()
+    assert 10 < size_mb < 25, size_mb  # the budget: <= 25 MB of weights
     loaded = load_vlm(tmp_path, device="cpu")
-    seconds = time.perf_counter() - began
-    assert 10 < size_mb < 30 and seconds < 2.5, (size_mb, seconds)
     assert loaded.num_visual_tokens == 64 and loaded.grid == (8, 8)
 
 

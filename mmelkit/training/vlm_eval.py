@@ -6,7 +6,7 @@
 * CHAIR_i / CHAIR_s (and the share of present objects named) on "describe the image ." captions.
 
 Every question comes from seeds at or above ``mmelkit.datasets.vqa.HELD_OUT_SEED``, which no
-training run uses. The de-biased distribution (no co-occurrence) is used for every model, so a
+training run uses, and from offsets above the validation seeds looked at while training. The de-biased distribution (no co-occurrence) is used for every model, so a
 co-occurrence-trained model is tested where partners are usually apart.
 """
 
@@ -30,8 +30,10 @@ from mmelkit.metrics.hallucination import ChairScores, PopeScores, chair_scores,
 # The issue's targets (on held-out scenes): accuracy per kind and POPE F1 on the random split.
 TARGETS: dict[str, float] = {"existence": 0.95, "attribute": 0.90, "count": 0.80, "relation": 0.80, "pope_random_f1": 0.90}
 
-# Offsets of the held-out seeds each part uses (HELD_OUT_SEED + offset): kinds 0..4, POPE 10, CHAIR 11.
-_POPE_SEED, _CHAIR_SEED = 10, 11
+# Offsets of the held-out seeds each part uses (HELD_OUT_SEED + offset): kinds 100..104, POPE 110,
+# CHAIR 111. Offsets below 100 are the validation seeds that decisions during training may look at
+# (scene-llava's run was extended after a look at offset 0); the reported figures never come from them.
+_KIND_SEED, _POPE_SEED, _CHAIR_SEED = 100, 110, 111
 
 
 @dataclass
@@ -112,7 +114,7 @@ def evaluate_vlm(
     wrong: list[dict[str, str]] = []
     parts = tqdm(total=len(QUESTION_KINDS) + len(POPE_SPLITS) + 1, disable=not progress, desc="eval vlm", unit="part")
     for offset, kind in enumerate(QUESTION_KINDS):
-        items = [held_out(config, seed=offset, length=per_kind, kind=kind)[i] for i in range(per_kind)]
+        items = [held_out(config, seed=_KIND_SEED + offset, length=per_kind, kind=kind)[i] for i in range(per_kind)]
         predictions = _answers(vlm, items, batch_size, max_new_tokens=24 if kind == "caption" else 6)
         hits = [_normalise(p) == _normalise(i.answer) for p, i in zip(predictions, items, strict=True)]
         accuracy[kind] = sum(hits) / len(hits)

@@ -53,6 +53,9 @@ class VlmTrainConfig:
     text: dict[str, int] = field(default_factory=dict)
     vision: dict[str, int] = field(default_factory=dict)
     max_objects: int = 4
+    # start from these weights (an exported model folder or a run's last.pt) instead of init_seed:
+    # continued training, e.g. the co-occurrence model from the de-biased one
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "steps_per_epoch", "batch_size", "log_every"):
@@ -82,9 +85,12 @@ class VlmTrainConfig:
         return VqaConfig(scene=scene, co_occurrence=self.co_occurrence)
 
 
+# The shipped models' recipes (see their model cards for how the runs actually went).
 PRESETS: dict[str, dict[str, Any]] = {
-    "scene-llava": {"co_occurrence": 0.0},
-    "scene-llava-cooc": {"co_occurrence": 0.9},
+    "scene-llava": {"co_occurrence": 0.0, "steps": 5000},
+    # continued training of the shipped de-biased model on scenes where couples co-occur
+    "scene-llava-cooc": {"co_occurrence": 0.9, "init_from": "scene-llava", "steps": 750, "lr": 3e-4,
+                         "warmup_steps": 50},
 }
 
 
@@ -142,7 +148,33 @@ class QuestionBatcher:
 
 def new_model(config: VlmTrainConfig) -> Any:
     model_config = scene_llava.build_config(text=config.text, vision=config.vision)
+    if config.init_from is not None:
+        model = scene_llava.build_model(config.init_seed, False, model_config)
+        model.load_state_dict(load_weights(config.init_from))
+        return model
     return scene_llava.build_model(config.init_seed, config.vision_from_scene_clip, model_config)
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from a shipped model's name (``"scene-llava"``), an exported model folder
+    (``save_pretrained``) or a run's ``last.pt``."""
+    from mmelkit.models.vlm.loading import VLM_ZOO, verify_checksums
+
+    if str(path) in VLM_ZOO:
+        folder = VLM_ZOO[str(path)].path()
+        verify_checksums(folder)
+        path = folder
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        # transformers renames keys on save (its checkpoint layout is not the module layout): let it load
+        from transformers import LlavaForConditionalGeneration
+
+        state = LlavaForConditionalGeneration.from_pretrained(path).state_dict()
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    else:
+        raise FileNotFoundError(f"no weights at {path}: give an exported model folder or a training last.pt")
+    return {key: value.float() for key, value in state.items()}
 
 
 def _param_groups(model: Any, config: VlmTrainConfig) -> list[dict[str, Any]]:
@@ -199,7 +231,8 @@ def train_vlm(
     checkpoint_path = out / "last.pt"
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=target, weights_only=False)
-        if state["fingerprint"] != config.fingerprint():
+        # rebuilt from the stored config so that fields added since then take their defaults
+        if VlmTrainConfig(**state["config"]).fingerprint() != config.fingerprint():
             raise ValueError(
                 f"{checkpoint_path} was written with another config ({state['config']}); use a new out_dir "
                 "(nothing was overwritten)"
@@ -270,6 +303,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise FileNotFoundError(f"no training checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     config = VlmTrainConfig(**state["config"])
-    model = new_model(VlmTrainConfig(**{**state["config"], "vision_from_scene_clip": False}))
+    model = new_model(VlmTrainConfig(**{**state["config"], "vision_from_scene_clip": False, "init_from": None}))
     model.load_state_dict(state["model"])
     return model.to(resolve_device(device)).eval(), config
