@@ -83,7 +83,8 @@ def test_a_finished_run_is_not_retrained_and_a_longer_one_extends_it(tmp_path) -
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [("steps", 0, "steps"), ("batch_size", -1, "batch_size"), ("co_occurrence", 1.5, "co_occurrence"),
-     ("data_seed", 10**7, "held out"), ("precision", "fp8", "precision")],
+     ("data_seed", 10**7, "held out"), ("precision", "fp8", "precision"),
+     ("vision_feature_layer", 5, "vision_feature_layer")],
 )
 def test_bad_training_configs_are_refused(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -53,6 +53,7 @@ class VlmTrainConfig:
     text: dict[str, int] = field(default_factory=dict)
     vision: dict[str, int] = field(default_factory=dict)
     max_objects: int = 4
+    vision_feature_layer: int = -2  # which vision layer's patch tokens the projector reads (LLaVA: -2)
     # start from these weights (an exported model folder or a run's last.pt) instead of init_seed:
     # continued training, e.g. the co-occurrence model from the de-biased one
     init_from: str | None = None
@@ -69,6 +70,11 @@ class VlmTrainConfig:
         if self.lr <= 0 or self.vision_lr_scale < 0:
             raise ValueError("lr must be positive and vision_lr_scale non-negative")
         VqaConfig(co_occurrence=self.co_occurrence)  # validates the probability
+        depth = self.vision.get("layers", scene_llava.SCENE_VISION["layers"])
+        if not -(depth + 1) <= self.vision_feature_layer <= depth:
+            raise ValueError(
+                f"vision_feature_layer must index the vision tower's {depth + 1} hidden states; got {self.vision_feature_layer}"
+            )
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed (not steps: a run may be extended)."""
@@ -87,7 +93,7 @@ class VlmTrainConfig:
 
 # The shipped models' recipes (see their model cards for how the runs actually went).
 PRESETS: dict[str, dict[str, Any]] = {
-    "scene-llava": {"co_occurrence": 0.0, "steps": 5000},
+    "scene-llava": {"co_occurrence": 0.0, "steps": 4000},
     # continued training of the shipped de-biased model on scenes where couples co-occur
     "scene-llava-cooc": {"co_occurrence": 0.9, "init_from": "scene-llava", "steps": 750, "lr": 3e-4,
                          "warmup_steps": 50},
@@ -147,7 +153,7 @@ class QuestionBatcher:
 
 
 def new_model(config: VlmTrainConfig) -> Any:
-    model_config = scene_llava.build_config(text=config.text, vision=config.vision)
+    model_config = scene_llava.build_config(config.text, config.vision, config.vision_feature_layer)
     if config.init_from is not None:
         model = scene_llava.build_model(config.init_seed, False, model_config)
         model.load_state_dict(load_weights(config.init_from))

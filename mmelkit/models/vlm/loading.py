@@ -56,8 +56,13 @@ VLM_ZOO: dict[str, VlmZooEntry] = {
 
 
 def list_vlm_zoo() -> dict[str, str]:
-    """Short VLM names :func:`load_vlm` understands, with a description of each."""
-    return {name: entry.description for name, entry in VLM_ZOO.items()}
+    """Short VLM names :func:`load_vlm` understands, with a description of each (and how to make
+    the model where this checkout does not hold it)."""
+    return {
+        name: entry.description
+        + ("" if entry.path().is_dir() else f" [not in this checkout: `mmelkit train vlm --preset {name} --export`]")
+        for name, entry in VLM_ZOO.items()
+    }
 
 
 def load_vlm(
@@ -161,8 +166,17 @@ def _load_folder(folder: Path) -> tuple[nn.Module, Any]:
             "(model_type 'llava', LlavaForConditionalGeneration). CLIP models load with mmelkit.load_model"
         )
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
-    model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32)
+    # transformers draws a progress bar per load: noise for a 17 MB model in a notebook. Its switch
+    # is global, so put it back as it was.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     processor: Any = None
     try:
         processor = AutoProcessor.from_pretrained(str(folder))
