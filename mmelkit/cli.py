@@ -344,6 +344,7 @@ def _add_train_vlm(what: Subparsers) -> None:
     vlm.add_argument("--steps", type=int, help="total optimiser steps (default: the preset's)")
     vlm.add_argument("--batch-size", type=int, help=f"(default: {defaults.batch_size})")
     vlm.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    vlm.add_argument("--warmup-steps", type=int, help=f"(default: {defaults.warmup_steps})")
     vlm.add_argument("--co-occurrence", type=float,
                      help="probability that an object brings its partner along (default: the preset's)")
     vlm.add_argument("--init-from", metavar="WEIGHTS",
@@ -363,7 +364,8 @@ def _train_vlm(args: argparse.Namespace) -> int:
     from mmelkit.training.vlm_trainer import PRESETS, VlmTrainConfig, train_vlm
 
     settings = dict(PRESETS[args.preset])
-    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "co_occurrence": args.co_occurrence,
+    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps,
+             "co_occurrence": args.co_occurrence,
              "init_from": args.init_from, "init_seed": args.seed, "data_seed": args.data_seed}
     settings.update({key: value for key, value in given.items() if value is not None})
     try:

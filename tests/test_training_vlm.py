@@ -84,7 +84,7 @@ def test_a_finished_run_is_not_retrained_and_a_longer_one_extends_it(tmp_path) -
     ("field", "value", "message"),
     [("steps", 0, "steps"), ("batch_size", -1, "batch_size"), ("co_occurrence", 1.5, "co_occurrence"),
      ("data_seed", 10**7, "held out"), ("precision", "fp8", "precision"),
-     ("vision_feature_layer", 5, "vision_feature_layer")],
+     ("vision_feature_layer", 5, "vision_feature_layer"), ("warmup_steps", -1, "warmup_steps")],
 )
 def test_bad_training_configs_are_refused(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -94,7 +94,7 @@ def test_bad_training_configs_are_refused(field: str, value: object, message: st
 @pytest.mark.parametrize(
     "argv",
     [["--steps", "0"], ["--co-occurrence", "2"], ["--batch-size", "-3"], ["--max-minutes", "0"],
-     ["--data-seed", "5000000"]],
+     ["--data-seed", "5000000"], ["--warmup-steps", "-5"]],
 )
 def test_train_vlm_cli_rejects_bad_arguments(argv: list[str], tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     from mmelkit.cli import main

@@ -67,6 +67,8 @@ class VlmTrainConfig:
             raise ValueError(f"data_seed must lie in [0, {HELD_OUT_SEED}): higher seeds are held out for evaluation")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16'; got {self.precision!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer; got {self.warmup_steps!r}")
         if self.lr <= 0 or self.vision_lr_scale < 0:
             raise ValueError("lr must be positive and vision_lr_scale non-negative")
         VqaConfig(co_occurrence=self.co_occurrence)  # validates the probability
