@@ -111,7 +111,8 @@ def model_card(meta: dict[str, Any], size_bytes: int) -> str:
         f"cosine to 5%; batch {config['batch_size']}; init seed {config['init_seed']}, data seed {config['data_seed']}",
         f"- {train['steps']} steps, {train['questions_seen']:,} questions, {train['seconds'] / 60:.0f} minutes on "
         f"{train['hardware']}",
-        f"- reproduce: `mmelkit train vlm --preset {meta['name']} --export`",
+        (f"- continued training from `{config['init_from']}`; how to reproduce both stages: see Notes"
+         if config.get("init_from") else f"- reproduce: `mmelkit train vlm --preset {meta['name']} --export`"),
         "",
     ]
     quality = meta.get("quality") or {}
