@@ -178,6 +178,15 @@ def _wrap_user_model(
     model: nn.Module, *, device: str | torch.device, dtype: torch.dtype | None, tokenizer: Any
 ) -> ClipAdapter:
     backend = _backend_for_object(model, tokenizer=tokenizer)
+    current_device, current_dtype = place_user_model(model, device, dtype)
+    return ClipAdapter(backend, name=type(model).__name__, device=current_device, dtype=current_dtype)
+
+
+def place_user_model(
+    model: nn.Module, device: str | torch.device, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    """A model object the caller passed in: moved only when ``device``/``dtype`` are given, its
+    train/eval mode left alone (with a warning in training mode); returns where it now is."""
     current_device, current_dtype = _param_device_dtype(model)
     if device != "auto" or dtype is not None:
         target = current_device if device == "auto" else resolve_device(device)
@@ -187,9 +196,9 @@ def _wrap_user_model(
         warnings.warn(
             "the model is in training mode: dropout makes its outputs and explanations random. "
             "Call model.eval() first unless that is what you want (mmelkit does not change it).",
-            stacklevel=3,
+            stacklevel=4,
         )
-    return ClipAdapter(backend, name=type(model).__name__, device=current_device, dtype=current_dtype)
+    return current_device, current_dtype
 
 
 def _backend_for_object(model: nn.Module, tokenizer: Any = None, name: str | None = None) -> ClipBackend:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,17 +242,7 @@ def _wrap_user_model(
         processor = _scene_llava_processor(model.config)
     elif getattr(processor, "image_processor", None) is None:  # a bare tokenizer
         processor = processor_from_tokenizer(processor, model.config)
-    current_device, current_dtype = loading._param_device_dtype(model)
-    if device != "auto" or dtype is not None:
-        target = current_device if device == "auto" else resolve_device(device)
-        model.to(device=target, dtype=dtype or current_dtype)
-        current_device, current_dtype = target, dtype or current_dtype
-    if model.training:
-        warnings.warn(
-            "the model is in training mode: dropout makes its outputs and explanations random. "
-            "Call model.eval() first unless that is what you want (mmelkit does not change it).",
-            stacklevel=3,
-        )
+    current_device, current_dtype = loading.place_user_model(model, device, dtype)
     return VlmAdapter(model, processor, name=type(model).__name__, device=current_device, dtype=current_dtype)
 
 
