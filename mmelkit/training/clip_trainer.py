@@ -25,7 +25,7 @@ from mmelkit.models.images import OPENAI_MEAN, OPENAI_STD
 from mmelkit.models.loading import resolve_device
 from mmelkit.models.open_clip_backend import open_clip
 from mmelkit.training.clip_data import CaptionMix, SceneCaptionPairs, collate, default_world
-from mmelkit.training.export import describe_hardware
+from mmelkit.training.export import save_training_state
 
 # The embedded model's architecture: an open_clip ViT (patch 8, 64 px) small enough to train on a
 # CPU in hours and on one GPU in minutes; open_clip's standard tokenizer and vocabulary.
@@ -203,17 +203,7 @@ def train_clip(
     log_path = out / "log.jsonl"
 
     def save(step: int) -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "seconds": elapsed + time.time() - started,
-            "config": asdict(config),
-            "fingerprint": config.fingerprint(),
-            "hardware": describe_hardware(target),
-        }
-        torch.save(state, out / "last.tmp")
-        (out / "last.tmp").replace(checkpoint_path)
+        save_training_state(checkpoint_path, model, optimizer, step, elapsed + time.time() - started, config, target)
 
     model.train()
     started = time.time()

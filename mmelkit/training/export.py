@@ -56,6 +56,34 @@ def export_clip(
     return weights_path
 
 
+def save_training_state(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    seconds: float,
+    config: Any,
+    device: torch.device,
+) -> None:
+    """Write a resumable checkpoint (model, optimiser, step, wall time, config and its fingerprint,
+    hardware) atomically: written beside ``path`` and swapped in, so an interrupted save leaves the
+    previous checkpoint intact. ``config`` is a trainer's config dataclass with ``fingerprint()``."""
+    from dataclasses import asdict
+
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "seconds": seconds,
+        "config": asdict(config),
+        "fingerprint": config.fingerprint(),
+        "hardware": describe_hardware(device),
+    }
+    partial = path.with_suffix(".tmp")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
 def describe_hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"

@@ -29,7 +29,7 @@ from mmelkit.datasets.vqa import HELD_OUT_SEED, SceneQA, VqaConfig
 from mmelkit.models.images import OPENAI_MEAN, OPENAI_STD
 from mmelkit.models.loading import resolve_device
 from mmelkit.models.vlm import scene_llava
-from mmelkit.training.export import describe_hardware
+from mmelkit.training.export import save_training_state
 
 
 @dataclass
@@ -260,17 +260,7 @@ def train_vlm(
     started = time.time()
 
     def save(step: int) -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "seconds": elapsed + time.time() - started,
-            "config": asdict(config),
-            "fingerprint": config.fingerprint(),
-            "hardware": describe_hardware(target),
-        }
-        torch.save(state, out / "last.tmp")
-        (out / "last.tmp").replace(checkpoint_path)  # atomic: an interrupted save leaves the old one
+        save_training_state(checkpoint_path, model, optimizer, step, elapsed + time.time() - started, config, target)
 
     model.train()
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc="train vlm", unit="step")
