@@ -349,6 +349,13 @@ def _add_train_vlm(what: Subparsers) -> None:
                      help="probability that an object brings its partner along (default: the preset's)")
     vlm.add_argument("--init-from", metavar="WEIGHTS",
                      help="start from an exported model folder or a last.pt (default: the preset's)")
+    vlm.add_argument("--turns", type=int,
+                     help="questions per image, asked as one conversation (default: the preset's, else 1)")
+    vlm.add_argument("--kind-weights", metavar="KIND=W,...",
+                     help="relative frequency of question kinds, e.g. existence=1,attribute=2,count=2,"
+                     "relation=2,caption=1 (default: the preset's)")
+    vlm.add_argument("--vision-lr-scale", type=float,
+                     help=f"vision tower learning rate relative to --lr (default: {defaults.vision_lr_scale})")
     vlm.add_argument("--seed", type=int, help=f"initialisation seed (default: {defaults.init_seed})")
     vlm.add_argument("--data-seed", type=int, help=f"question seed (default: {defaults.data_seed})")
     vlm.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
@@ -359,16 +366,32 @@ def _add_train_vlm(what: Subparsers) -> None:
     vlm.set_defaults(handler=_train_vlm)
 
 
+def _kind_weights(text: str) -> dict[str, float]:
+    """``existence=1,relation=2`` -> {"existence": 1.0, "relation": 2.0}."""
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        kind, sep, value = part.partition("=")
+        try:
+            weights[kind.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--kind-weights expects KIND=WEIGHT pairs separated by commas; got {part!r}")
+    return weights
+
+
 def _train_vlm(args: argparse.Namespace) -> int:
     from mmelkit.training.vlm_export import MODELS_DIR
     from mmelkit.training.vlm_trainer import PRESETS, VlmTrainConfig, train_vlm
 
     settings = dict(PRESETS[args.preset])
     given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps,
-             "co_occurrence": args.co_occurrence,
+             "co_occurrence": args.co_occurrence, "turns": args.turns, "vision_lr_scale": args.vision_lr_scale,
              "init_from": args.init_from, "init_seed": args.seed, "data_seed": args.data_seed}
     settings.update({key: value for key, value in given.items() if value is not None})
     try:
+        if args.kind_weights is not None:
+            settings["kind_weights"] = _kind_weights(args.kind_weights)
         config = VlmTrainConfig(**settings)
         if args.max_minutes is not None and args.max_minutes <= 0:
             raise ValueError(f"--max-minutes must be positive; got {args.max_minutes}")

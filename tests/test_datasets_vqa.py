@@ -126,10 +126,20 @@ MARGIN = CONFIG.scene.relation_margin * CONFIG.scene.image_size
 N_ITEMS = 400
 
 
-@pytest.fixture(scope="module")
-def items() -> dict[str, list[QAItem]]:
-    sets = {k: SceneQA(CONFIG, seed=2, kind=k) for k in QUESTION_KINDS}
-    return {k: [qa[i] for i in range(N_ITEMS)] for k, qa in sets.items()}
+@pytest.fixture(scope="module", params=["drawn for the question", "follow-up turns"])
+def items(request: pytest.FixtureRequest) -> dict[str, list[QAItem]]:
+    """Per kind: items whose scene was drawn for them, or the follow-up questions of conversations
+    (asked about a scene drawn for another question); every answer test below runs on both."""
+    if request.param == "drawn for the question":
+        sets = {k: SceneQA(CONFIG, seed=2, kind=k) for k in QUESTION_KINDS}
+        return {k: [qa[i] for i in range(N_ITEMS)] for k, qa in sets.items()}
+    qa = SceneQA(CONFIG, seed=2)
+    grouped: dict[str, list[QAItem]] = {k: [] for k in QUESTION_KINDS}
+    for i in range(N_ITEMS):
+        for item in qa.conversation(i, turns=5)[1:]:
+            grouped[item.kind].append(item)
+    assert all(len(group) >= 50 for group in grouped.values()), {k: len(g) for k, g in grouped.items()}
+    return grouped
 
 
 def test_every_item_is_of_its_kind_and_its_mask_is_the_union_of_its_objects(items: dict[str, list[QAItem]]) -> None:
@@ -234,6 +244,37 @@ def test_captions_list_every_object_once_in_canonical_order(items: dict[str, lis
 # --------------------------------------------------------------------------------------------------
 # 3. Determinism, random access and the mix of kinds
 # --------------------------------------------------------------------------------------------------
+
+
+def test_a_conversation_starts_with_the_item_and_stays_on_its_scene() -> None:
+    qa = SceneQA(CONFIG, seed=4)
+    lengths = Counter()
+    for index in range(60):
+        turns = qa.conversation(index, turns=6)
+        assert same_item(turns[0], qa[index])
+        assert all(item.scene is turns[0].scene for item in turns)
+        assert len({item.question for item in turns}) == len(turns)  # never the same question twice
+        lengths[len(turns)] += 1
+        again = SceneQA(CONFIG, seed=4).conversation(index, turns=6)
+        assert all(same_item(a, b) for a, b in zip(turns, again, strict=True))
+    assert lengths[6] >= 55  # a scene almost always has six different questions to ask
+    assert len(qa.conversation(3, turns=1)) == 1 and same_item(qa.conversation(3, turns=1)[0], qa[3])
+    # follow-up counts are not all zeros: half ask about a shape that is there
+    counts = [t for i in range(200) for t in SceneQA(CONFIG, seed=4).conversation(i, 4)[1:] if t.kind == "count"]
+    assert 0.3 < np.mean([t.answer != "zero" for t in counts]) < 0.95
+
+
+def test_follow_up_kinds_follow_the_weights() -> None:
+    only_counts = VqaConfig(kinds=(("existence", 1.0), ("count", 1.0)))
+    qa = SceneQA(only_counts, seed=1)
+    kinds = Counter(t.kind for i in range(200) for t in qa.conversation(i, 3)[1:])
+    assert set(kinds) == {"existence", "count"} and 0.35 < kinds["count"] / sum(kinds.values()) < 0.65
+
+
+@pytest.mark.parametrize("turns", [0, -1, 2.0, True])
+def test_conversation_turns_must_be_a_positive_integer(turns: object) -> None:
+    with pytest.raises(ValueError, match="turns must be a positive integer"):
+        SceneQA(CONFIG).conversation(0, turns)  # type: ignore[arg-type]
 
 
 def test_items_are_deterministic_and_random_access() -> None:

@@ -46,6 +46,56 @@ def test_batcher_labels_only_the_answer_and_expands_the_image_token() -> None:
     assert batch["pixel_values"].shape == (6, 3, 32, 32)
 
 
+def test_a_conversation_is_laid_out_as_the_chat_template_writes_it_and_every_answer_is_labelled() -> None:
+    processor = scene_llava.build_processor()
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids(scene_llava.IMAGE)
+    batcher = QuestionBatcher(tokenizer, num_visual_tokens=16, image_token_id=image_id, device=torch.device("cpu"))
+    qa = SceneQA(tiny().vqa(), seed=3)
+    conversations = [qa.conversation(i, turns=1 + i % 4) for i in range(6)]
+    batch = batcher(conversations)
+    for row, turns in enumerate(conversations):
+        messages = []
+        for k, item in enumerate(turns):
+            content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": item.question}]
+            messages += [{"role": "user", "content": content},
+                         {"role": "assistant", "content": [{"type": "text", "text": item.answer}]}]
+        text = processor.apply_chat_template(messages, tokenize=False)
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        at = expected.index(image_id)
+        expected = expected[:at] + [image_id] * 16 + expected[at + 1 :]
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row, :length].tolist() == expected
+        # labelled: exactly each answer and its </s>, in order
+        labels = batch["labels"][row]
+        eos = tokenizer.eos_token_id
+        said = tokenizer.decode([t for t in labels[labels != -100].tolist()]).split(tokenizer.eos_token)
+        assert [a.strip() for a in said[:-1]] == [item.answer for item in turns] and said[-1] == ""
+        assert int((labels == eos).sum()) == len(turns)
+    # a single item and a one-turn conversation give the same row
+    single = batcher([conversations[0][0]])
+    one_turn = batcher([[conversations[0][0]]])
+    assert all(torch.equal(single[k], one_turn[k]) for k in single)
+    with pytest.raises(ValueError, match="first turn's scene"):
+        batcher([[qa[0], qa[1]]])
+    with pytest.raises(ValueError, match="at least one question"):
+        batcher([[]])
+
+
+def test_multi_turn_training_runs_and_resumes(tmp_path) -> None:
+    config = tiny(turns=3, kind_weights={"count": 1.0, "relation": 1.0})
+    whole = train_vlm(config, tmp_path / "whole", device="cpu", progress=False)
+    train_vlm(config, tmp_path / "sliced", device="cpu", progress=False, max_seconds=0)
+    sliced = train_vlm(config, tmp_path / "sliced", device="cpu", progress=False)
+    a, b = torch.load(whole, weights_only=False), torch.load(sliced, weights_only=False)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=f"{key} differs after resume")
+    # another number of turns is another run: refused, not mixed into this checkpoint
+    with pytest.raises(ValueError, match="another config"):
+        train_vlm(tiny(turns=2, kind_weights={"count": 1.0, "relation": 1.0}), tmp_path / "whole", device="cpu",
+                  progress=False)
+
+
 def test_training_is_deterministic_and_resumes_bit_identically(tmp_path) -> None:
     whole = train_vlm(tiny(), tmp_path / "whole", device="cpu", progress=False)
     # stop after the first step (max_seconds=0 checkpoints and stops), then resume to the end
@@ -84,7 +134,9 @@ def test_a_finished_run_is_not_retrained_and_a_longer_one_extends_it(tmp_path) -
     ("field", "value", "message"),
     [("steps", 0, "steps"), ("batch_size", -1, "batch_size"), ("co_occurrence", 1.5, "co_occurrence"),
      ("data_seed", 10**7, "held out"), ("precision", "fp8", "precision"),
-     ("vision_feature_layer", 5, "vision_feature_layer"), ("warmup_steps", -1, "warmup_steps")],
+     ("vision_feature_layer", 5, "vision_feature_layer"), ("warmup_steps", -1, "warmup_steps"),
+     ("turns", 0, "turns"), ("turns", 9, "at most 8"), ("kind_weights", {"opinion": 1.0}, "question kinds"),
+     ("kind_weights", {"count": -1.0}, "non-negative")],
 )
 def test_bad_training_configs_are_refused(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -94,7 +146,8 @@ def test_bad_training_configs_are_refused(field: str, value: object, message: st
 @pytest.mark.parametrize(
     "argv",
     [["--steps", "0"], ["--co-occurrence", "2"], ["--batch-size", "-3"], ["--max-minutes", "0"],
-     ["--data-seed", "5000000"], ["--warmup-steps", "-5"]],
+     ["--data-seed", "5000000"], ["--warmup-steps", "-5"], ["--turns", "0"], ["--kind-weights", "relation=x"],
+     ["--kind-weights", "opinion=1"], ["--vision-lr-scale", "-1"]],
 )
 def test_train_vlm_cli_rejects_bad_arguments(argv: list[str], tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     from mmelkit.cli import main

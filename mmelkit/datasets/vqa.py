@@ -216,8 +216,13 @@ class SceneQA:
         return self.world.draw(index, rng, objects=self._objects(count, rng))
 
     # -- question kinds -----------------------------------------------------------------------------
+    # Each kind draws a scene *for* its question (so answers are balanced) and then asks about it;
+    # the ``_ask_*`` halves also serve the follow-up turns of :meth:`conversation`, which ask about a
+    # scene already drawn.
     def _existence(self, index: int, rng: np.random.Generator) -> QAItem:
-        scene = self._scene(index, rng)
+        return self._ask_existence(self._scene(index, rng), rng)
+
+    def _ask_existence(self, scene: Scene, rng: np.random.Generator) -> QAItem:
         names = [o.name for o in scene.objects]
         suffix = " in the image" if rng.random() < 0.5 else ""
         if rng.random() < 0.5:
@@ -233,28 +238,33 @@ class SceneQA:
         return QAItem(scene, f"is there a {name}{suffix} ?", "no", "existence", (), name)
 
     def _attribute(self, index: int, rng: np.random.Generator) -> QAItem:
-        for _ in range(20):
-            scene = self._scene(index, rng)
-            objs = scene.objects
-            shapes = [o.shape for o in objs]
-            colours = [o.colour for o in objs]
-            style = int(rng.integers(3))
-            k = int(rng.integers(len(objs)))
-            o = objs[k]
-            if style == 0 and shapes.count(o.shape) == 1:
-                return QAItem(scene, f"what colour is the {o.shape} ?", o.colour, "attribute", (k,), o.shape)
-            if style == 1 and colours.count(o.colour) == 1:
-                return QAItem(scene, f"what shape is the {o.colour} object ?", o.shape, "attribute", (k,), o.colour)
-            if style == 2:
-                return QAItem(scene, f"what size is the {o.name} ?", o.size, "attribute", (k,), o.name)
-        return QAItem(scene, f"what size is the {o.name} ?", o.size, "attribute", (k,), o.name)
+        for attempt in range(20):
+            item = self._ask_attribute(self._scene(index, rng), rng, size_fallback=attempt == 19)
+            if item is not None:
+                return item
+        raise AssertionError("unreachable: the last attempt falls back to a size question")
+
+    def _ask_attribute(self, scene: Scene, rng: np.random.Generator, size_fallback: bool = False) -> QAItem | None:
+        """One try: None when the drawn style has no unique answer in this scene (a size question
+        about the drawn object instead with ``size_fallback``)."""
+        objs = scene.objects
+        shapes = [o.shape for o in objs]
+        colours = [o.colour for o in objs]
+        style = int(rng.integers(3))
+        k = int(rng.integers(len(objs)))
+        o = objs[k]
+        if style == 0 and shapes.count(o.shape) == 1:
+            return QAItem(scene, f"what colour is the {o.shape} ?", o.colour, "attribute", (k,), o.shape)
+        if style == 1 and colours.count(o.colour) == 1:
+            return QAItem(scene, f"what shape is the {o.colour} object ?", o.shape, "attribute", (k,), o.colour)
+        if style == 2 or size_fallback:
+            return QAItem(scene, f"what size is the {o.name} ?", o.size, "attribute", (k,), o.name)
+        return None
 
     def _count(self, index: int, rng: np.random.Generator) -> QAItem:
         cfg = self.config.scene
         if rng.random() < 0.25:
-            scene = self._scene(index, rng)
-            n = len(scene.objects)
-            return QAItem(scene, "how many objects are there ?", NUMBER_WORDS[n], "count", tuple(range(n)), "object")
+            return self._count_objects(self._scene(index, rng))
         shape = cfg.shapes[int(rng.integers(len(cfg.shapes)))]
         wanted = int(rng.integers(0, min(MAX_COUNT, cfg.max_objects, len(cfg.colours)) + 1))
         total = int(rng.integers(max(wanted, cfg.min_objects), cfg.max_objects + 1))
@@ -264,29 +274,74 @@ class SceneQA:
         names = [f"{cfg.colours[c]} {shape}" for c in colours] + [others[p] for p in picks]
         objects = [(*reversed(n.split(" ")), self._size(rng)) for n in (names[k] for k in rng.permutation(len(names)))]
         scene = self.world.draw(index, rng, objects=objects)  # type: ignore[arg-type]
-        members = tuple(k for k, o in enumerate(scene.objects) if o.shape == shape)  # what was placed
+        return self._count_shape(scene, shape)  # counts what was placed
+
+    def _count_objects(self, scene: Scene) -> QAItem:
+        n = len(scene.objects)
+        return QAItem(scene, "how many objects are there ?", NUMBER_WORDS[n], "count", tuple(range(n)), "object")
+
+    def _count_shape(self, scene: Scene, shape: str) -> QAItem:
+        members = tuple(k for k, o in enumerate(scene.objects) if o.shape == shape)
         question = f"how many {PLURALS[shape]} are there ?"
         return QAItem(scene, question, NUMBER_WORDS[len(members)], "count", members, shape)
 
+    def _ask_count(self, scene: Scene, rng: np.random.Generator) -> QAItem:
+        if rng.random() < 0.25:
+            return self._count_objects(scene)
+        # half the time a shape that is there, else any shape (often a zero)
+        shapes = [o.shape for o in scene.objects] if rng.random() < 0.5 else list(self.config.scene.shapes)
+        return self._count_shape(scene, shapes[int(rng.integers(len(shapes)))])
+
     def _relation(self, index: int, rng: np.random.Generator) -> QAItem:
         cfg = self.config.scene
-        margin = cfg.relation_margin * cfg.image_size
         for _ in range(50):
             scene = self._scene(index, rng, count=int(rng.integers(max(2, cfg.min_objects), cfg.max_objects + 1)))
-            options = unique_relations(scene.objects, margin)
-            if options:
-                target, said, anchor = options[int(rng.integers(len(options)))]
-                objs = scene.objects
-                return QAItem(
-                    scene, f"what is {said} the {objs[anchor].name} ?", objs[target].name, "relation",
-                    (target, anchor), objs[anchor].name, {"relation": said},
-                )
+            item = self._ask_relation(scene, rng)
+            if item is not None:
+                return item
         raise RuntimeError("no scene with a clear relation in 50 draws: the scene config is too crowded")
 
+    def _ask_relation(self, scene: Scene, rng: np.random.Generator) -> QAItem | None:
+        """None when no object stands alone in a clear relation to another."""
+        cfg = self.config.scene
+        options = unique_relations(scene.objects, cfg.relation_margin * cfg.image_size)
+        if not options:
+            return None
+        target, said, anchor = options[int(rng.integers(len(options)))]
+        objs = scene.objects
+        return QAItem(
+            scene, f"what is {said} the {objs[anchor].name} ?", objs[target].name, "relation",
+            (target, anchor), objs[anchor].name, {"relation": said},
+        )
+
     def _caption(self, index: int, rng: np.random.Generator) -> QAItem:
-        scene = self._scene(index, rng)
+        return self._ask_caption(self._scene(index, rng), rng)
+
+    def _ask_caption(self, scene: Scene, rng: np.random.Generator) -> QAItem:
         answer = canonical_caption(scene.objects, self.config.scene)
         return QAItem(scene, "describe the image .", answer, "caption", tuple(range(len(scene.objects))))
+
+    # -- conversations ------------------------------------------------------------------------------
+    def conversation(self, index: int, turns: int) -> list[QAItem]:
+        """``turns`` questions about one scene: item ``index`` first, then follow-ups of kinds drawn
+        from the same kind weights, asked about that item's scene (a LLaVA-style multi-turn
+        conversation; training on several answers per image costs little more than on one).
+        Follow-ups never repeat a question; deterministic in ``(config, seed, index, turns)``."""
+        if not isinstance(turns, int) or isinstance(turns, bool) or turns < 1:
+            raise ValueError(f"turns must be a positive integer; got {turns!r}")
+        first = self[index]
+        items, asked = [first], {first.question}
+        rng = np.random.default_rng([self.seed, int(index), 0x7A1C])
+        for _ in range(8 * turns):  # a few draws may repeat a question or have no answer here
+            if len(items) == turns:
+                break
+            u = rng.random()
+            kind = self._kinds[next((k for k, c in enumerate(self._cumulative) if u < c), len(self._kinds) - 1)]
+            item = getattr(self, f"_ask_{kind}")(first.scene, rng)
+            if item is not None and item.question not in asked:
+                items.append(item)
+                asked.add(item.question)
+        return items
 
 
 def unique_relations(objects: Sequence[SceneObject], margin_px: float) -> list[tuple[int, str, int]]:

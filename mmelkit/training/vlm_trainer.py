@@ -31,6 +31,8 @@ from mmelkit.models.loading import resolve_device
 from mmelkit.models.vlm import scene_llava
 from mmelkit.training.export import save_training_state
 
+MAX_TURNS = 8
+
 
 @dataclass
 class VlmTrainConfig:
@@ -57,9 +59,15 @@ class VlmTrainConfig:
     # start from these weights (an exported model folder or a run's last.pt) instead of init_seed:
     # continued training, e.g. the co-occurrence model from the de-biased one
     init_from: str | None = None
+    # questions per image: 1 is a single question; more makes each training sequence a LLaVA-style
+    # conversation about one scene (SceneQA.conversation), several supervised answers for one image
+    turns: int = 1
+    # relative frequency of each question kind (VqaConfig.kinds), e.g. {"relation": 0.4, ...};
+    # empty: VqaConfig's defaults
+    kind_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "steps_per_epoch", "batch_size", "log_every"):
+        for name in ("steps", "steps_per_epoch", "batch_size", "log_every", "turns"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
@@ -71,7 +79,9 @@ class VlmTrainConfig:
             raise ValueError(f"warmup_steps must be a non-negative integer; got {self.warmup_steps!r}")
         if self.lr <= 0 or self.vision_lr_scale < 0:
             raise ValueError("lr must be positive and vision_lr_scale non-negative")
-        VqaConfig(co_occurrence=self.co_occurrence)  # validates the probability
+        if self.turns > MAX_TURNS:
+            raise ValueError(f"turns must be at most {MAX_TURNS} (the decoder's context holds a few turns); got {self.turns}")
+        self.vqa()  # validates the probability and the kind weights
         depth = self.vision.get("layers", scene_llava.SCENE_VISION["layers"])
         if not -(depth + 1) <= self.vision_feature_layer <= depth:
             raise ValueError(
@@ -90,7 +100,8 @@ class VlmTrainConfig:
         scene = SceneConfig(max_objects=self.max_objects).scaled(image_size) if image_size != 64 else SceneConfig(
             max_objects=self.max_objects
         )
-        return VqaConfig(scene=scene, co_occurrence=self.co_occurrence)
+        kinds = tuple(self.kind_weights.items()) if self.kind_weights else VqaConfig().kinds
+        return VqaConfig(scene=scene, co_occurrence=self.co_occurrence, kinds=kinds)  # type: ignore[arg-type]
 
 
 # The shipped models' recipes (see their model cards for how the runs actually went).
@@ -102,9 +113,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# A follow-up user turn of the conversation format (the first turn holds the image).
+FOLLOW_UP_TEMPLATE = "USER: {question} ASSISTANT:"
+
+
 class QuestionBatcher:
     """Turns QA items into model inputs: pixels, input ids (``<image>`` expanded to V tokens, right
-    padded), attention mask and labels (-100 except on answer tokens and ``</s>``)."""
+    padded), attention mask and labels (-100 except on answer tokens and ``</s>``).
+
+    Each element of the batch is one item or a conversation (a list of items about one scene),
+    laid out as LLaVA-1.5 writes one: ``USER: <image> q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>``
+    (``scene_llava.CHAT_TEMPLATE``), every answer supervised."""
 
     def __init__(self, tokenizer: Any, num_visual_tokens: int, image_token_id: int, device: torch.device) -> None:
         self.tokenizer, self.device = tokenizer, device
@@ -127,15 +146,28 @@ class QuestionBatcher:
         at = ids.index(self.image_token_id)
         return ids[:at] + self.visual + ids[at + 1 :]
 
-    def __call__(self, items: list[Any]) -> dict[str, torch.Tensor]:
+    def follow_up_ids(self, question: str) -> list[int]:
+        return self.ids(FOLLOW_UP_TEMPLATE.format(question=question))
+
+    def __call__(self, batch: list[Any]) -> dict[str, torch.Tensor]:
         import numpy as np
 
+        conversations = [element if isinstance(element, list) else [element] for element in batch]
+        if any(not turns for turns in conversations):
+            raise ValueError("a conversation needs at least one question")
         rows, labels = [], []
-        for item in items:
-            prompt = self.prompt_ids(item.question)
-            answer = self.ids(item.answer) + [self.eos]
-            rows.append(prompt + answer)
-            labels.append([-100] * len(prompt) + answer)
+        for turns in conversations:
+            row: list[int] = []
+            label: list[int] = []
+            for k, item in enumerate(turns):
+                if item.scene is not turns[0].scene:
+                    raise ValueError("every turn of a conversation must be about the first turn's scene")
+                prompt = self.prompt_ids(item.question) if k == 0 else self.follow_up_ids(item.question)
+                answer = self.ids(item.answer) + [self.eos]
+                row += prompt + answer
+                label += [-100] * len(prompt) + answer
+            rows.append(row)
+            labels.append(label)
         width = max(map(len, rows))
         input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         label_ids = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -144,7 +176,7 @@ class QuestionBatcher:
             input_ids[i, : len(row)] = torch.tensor(row)
             label_ids[i, : len(row)] = torch.tensor(label)
             mask[i, : len(row)] = 1
-        images = torch.from_numpy(np.stack([item.scene.image for item in items])).to(self.device)
+        images = torch.from_numpy(np.stack([turns[0].scene.image for turns in conversations])).to(self.device)
         pixels = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
         return {
             "pixel_values": pixels,
@@ -166,7 +198,7 @@ def new_model(config: VlmTrainConfig) -> Any:
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """fp32 weights from a shipped model's name (``"scene-llava"``), an exported model folder
     (``save_pretrained``) or a run's ``last.pt``."""
-    from mmelkit.models.vlm.loading import VLM_ZOO, verify_checksums
+    from mmelkit.models.vlm.loading import VLM_ZOO, quiet_transformers_loading, verify_checksums
 
     if str(path) in VLM_ZOO:
         folder = VLM_ZOO[str(path)].path()
@@ -177,7 +209,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         # transformers renames keys on save (its checkpoint layout is not the module layout): let it load
         from transformers import LlavaForConditionalGeneration
 
-        state = LlavaForConditionalGeneration.from_pretrained(path).state_dict()
+        with quiet_transformers_loading():
+            state = LlavaForConditionalGeneration.from_pretrained(path).state_dict()
     elif path.is_file():
         state = torch.load(path, map_location="cpu", weights_only=False)["model"]
     else:
@@ -269,7 +302,10 @@ def train_vlm(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * group["lr_scale"] * _lr_factor(step, config)
             first = step * config.batch_size
-            batch = batcher([questions[i] for i in range(first, first + config.batch_size)])
+            batch = batcher([
+                questions.conversation(i, config.turns) if config.turns > 1 else questions[i]
+                for i in range(first, first + config.batch_size)
+            ])
             with torch.autocast(target.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = answer_loss(model, batch)
             optimizer.zero_grad(set_to_none=True)

@@ -6,9 +6,11 @@ must be an existing ``save_pretrained`` folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,21 @@ VLM_ZOO: dict[str, VlmZooEntry] = {
     ),
 }
 
+
+
+@contextlib.contextmanager
+def quiet_transformers_loading() -> Iterator[None]:
+    """transformers draws a progress bar per ``from_pretrained``: noise for a 17 MB model in a
+    notebook or a training log. Its switch is global, so it is put back as it was."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 def list_vlm_zoo() -> dict[str, str]:
     """Short VLM names :func:`load_vlm` understands, with a description of each (and how to make
@@ -165,17 +182,9 @@ def _load_folder(folder: Path) -> tuple[nn.Module, Any]:
             "(model_type 'llava', LlavaForConditionalGeneration). CLIP models load with mmelkit.load_model"
         )
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-    from transformers.utils import logging as hf_logging
 
-    # transformers draws a progress bar per load: noise for a 17 MB model in a notebook. Its switch
-    # is global, so put it back as it was.
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_transformers_loading():
         model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     processor: Any = None
     try:
         processor = AutoProcessor.from_pretrained(str(folder))
