@@ -57,7 +57,8 @@ import numpy as np
 import torch
 
 import mmelkit  # noqa: F401  (before anything imports torchvision: see mmelkit/_compat.py)
-from mmelkit.methods import REGISTRY, get_method
+from mmelkit.methods import get_method
+from mmelkit.methods.base import image_methods
 from mmelkit.models.adapter import ClipAdapter
 from mmelkit.models.backend import TextTokens
 from mmelkit.models.loading import load_model, resolve_device
@@ -393,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_methods(text: str) -> list[str]:
-    image_side = sorted(name for name, cls in REGISTRY.items() if cls.modality == "image")
+    image_side = image_methods("clip")
     if text.strip() == "all":
         return image_side
     methods = [m.strip() for m in text.split(",") if m.strip()]

@@ -521,11 +521,11 @@ def _eval_vlm(args: argparse.Namespace) -> int:
 
 def _eval_pointing(args: argparse.Namespace) -> int:
     import mmelkit
-    from mmelkit.methods.base import REGISTRY
+    from mmelkit.methods.base import REGISTRY, image_methods
     from mmelkit.metrics.scene_pointing import POINTING_SEED, scene_pointing_game
 
     if args.methods == "all":
-        methods = [name for name, cls in sorted(REGISTRY.items()) if cls.modality == "image"]
+        methods = image_methods("clip")
     else:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in REGISTRY]
@@ -585,14 +585,14 @@ def _bench(args: argparse.Namespace) -> int:
     from mmelkit.bench import BenchConfig, preset_config, run_bench
     from mmelkit.bench.distributed import init_from_environment, world
     from mmelkit.bench.presets import clutter_table, paper_table, relative_to_grad_eclip
-    from mmelkit.methods.base import REGISTRY
+    from mmelkit.methods.base import image_methods
 
     def listed(text: str | None) -> list[str] | None:
         return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
     methods = listed(args.methods)
     if methods == ["all"]:
-        methods = [name for name, cls in sorted(REGISTRY.items()) if cls.modality == "image"]
+        methods = image_methods("clip")
     overrides = {"methods": methods, "datasets": listed(args.datasets), "metrics": listed(args.metrics),
                  "samples": args.samples, "batch_size": args.batch_size,
                  "perturbation_batch": args.perturbation_batch, "steps": args.steps, "score": args.score,

@@ -23,6 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import mmelkit  # noqa: E402  (applies the torchvision compat fix before open_clip loads)
 from mmelkit.models.open_clip_backend import open_clip  # noqa: E402
+from mmelkit.models.vlm import scene_llava  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Network: only loopback and unix sockets (papermill's kernels talk over localhost).
@@ -216,3 +217,22 @@ def images() -> torch.Tensor:
 
 
 TEXTS = ["a red square", "a blue bar on the left", "nothing at all"]
+
+
+# -- tiny generative VLMs (LLaVA with a CLIP vision tower and a Llama decoder) ------------------------
+TEXT = {"hidden_size": 64, "intermediate_size": 128, "layers": 2, "heads": 2}
+VISION = {"image_size": 48, "patch_size": 8, "hidden_size": 32, "layers": 2, "heads": 2}
+EOS = scene_llava.VOCABULARY.index(scene_llava.EOS)
+
+
+def tiny_llava(seed: int = 0, vision: dict[str, int] | None = None, strategy: str = "default") -> Any:
+    """A tiny random scene-llava. Larger-than-default init (and a stronger eos row) make its greedy
+    answers differ between rows and stop at different lengths, so equality tests mean something."""
+    config = scene_llava.build_config(text=TEXT, vision=vision or VISION)
+    config.vision_feature_select_strategy = strategy
+    for sub in (config, config.text_config, config.vision_config):
+        sub.initializer_range = 0.1
+    model = scene_llava.build_model(seed, vision_from_scene_clip=False, config=config)
+    with torch.no_grad():
+        model.lm_head.weight[EOS] *= 3.0
+    return model.eval()

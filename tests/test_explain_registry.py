@@ -18,6 +18,8 @@ FOLDERS = {  # the package of each (level, granularity): the folder layout mirro
     ("model", "architecture"): ("architecture",),
     ("data", "input"): ("perturbation", "text"),
 }
+VLM_EXPECTED = {"answer_attention", "answer_relevancy", "answer_gradient_x_input", "answer_integrated_gradients",
+                "answer_occlusion"}
 EXPECTED = {"grad_eclip", "mmel", "raw_attention", "rollout", "generic_attention", "grad_cam", "maskclip",
             "clip_surgery", "integrated_gradients", "smoothgrad", "rise", "occlusion", "grad_eclip_text",
             "integrated_gradients_text", "leave_one_word_out"}
@@ -27,8 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_the_table_lists_every_method_with_its_place() -> None:
     table = mmelkit.list_methods()
-    assert EXPECTED <= set(table.index)
-    for column in ("level", "granularity", "family", "modality", "reference", "parameters"):
+    assert EXPECTED | VLM_EXPECTED <= set(table.index)
+    assert set(table.index[table["explains"] == "vlm"]) == VLM_EXPECTED
+    for column in ("level", "granularity", "family", "modality", "explains", "reference", "parameters"):
         assert table[column].notna().all(), column
     for name, cls in REGISTRY.items():
         package = cls.__module__.split(".")[2]

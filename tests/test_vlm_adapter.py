@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import make_hf_clip
+from conftest import EOS, VISION, make_hf_clip, tiny_llava
 from PIL import Image
 
 import mmelkit
@@ -23,9 +23,6 @@ from mmelkit.models.vlm.tracing import attention_configs
 # Tiny models are all overhead: on a small, busy machine extra intra-op threads only contend.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEXT = {"hidden_size": 64, "intermediate_size": 128, "layers": 2, "heads": 2}
-VISION = {"image_size": 48, "patch_size": 8, "hidden_size": 32, "layers": 2, "heads": 2}
-EOS = scene_llava.VOCABULARY.index(scene_llava.EOS)
 QUESTIONS = [
     "what colour is the star ?",
     "how many",
@@ -36,19 +33,6 @@ QUESTIONS = [
     "what",
     "where is the blue cross ?",
 ]
-
-
-def tiny_llava(seed: int = 0, vision: dict[str, int] | None = None, strategy: str = "default") -> Any:
-    """A tiny random scene-llava. Larger-than-default init (and a stronger eos row) make its greedy
-    answers differ between rows and stop at different lengths, so equality tests mean something."""
-    config = scene_llava.build_config(text=TEXT, vision=vision or VISION)
-    config.vision_feature_select_strategy = strategy
-    for sub in (config, config.text_config, config.vision_config):
-        sub.initializer_range = 0.1
-    model = scene_llava.build_model(seed, vision_from_scene_clip=False, config=config)
-    with torch.no_grad():
-        model.lm_head.weight[EOS] *= 3.0
-    return model.eval()
 
 
 def all_hooks(model: torch.nn.Module) -> int:

@@ -84,6 +84,8 @@ class BenchConfig:
             get_method(name)  # raises with the list of known methods
             if get_method(name).modality != "image":
                 raise ValueError(f"{name} explains texts; the benchmark scores image maps")
+            if get_method(name).explains != "clip":
+                raise ValueError(f"{name} explains generative VLMs; this benchmark scores CLIP-style models")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods listed twice: {self.methods}")
         self.datasets = list(self.datasets)

@@ -20,21 +20,48 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmelkit.methods import architecture, perturbation, text, token  # noqa: F401  (importing registers the methods)
+from mmelkit.methods import architecture, perturbation, text  # noqa: F401  (importing registers the methods)
+from mmelkit.methods import token as _token_methods  # noqa: F401
 from mmelkit.methods.base import REGISTRY, Explanation, Method, TextExplanation, get_method
 from mmelkit.models.adapter import ClipAdapter, TextLike
+from mmelkit.models.vlm.adapter import VlmAdapter
 
 
 def explain(
-    model: ClipAdapter, images: Any, texts: TextLike, method: str = "grad_eclip", **params: Any
+    model: ClipAdapter | VlmAdapter,
+    images: Any,
+    texts: TextLike,
+    method: str | None = None,
+    *,
+    answer: str | list[str] | None = None,
+    token: int | None = None,
+    **params: Any,
 ) -> Explanation | TextExplanation:
     """Explain image-text pairs with a registered method (see :func:`list_methods`).
 
     ``images``/``texts``: N and N (pairs), 1 and N, or N and 1. ``params`` are the method's own.
     Image-side methods return an :class:`Explanation` (maps), text-side ones a
     :class:`TextExplanation` (token and word scores).
+
+    For a generative VLM (a :class:`~mmelkit.models.vlm.VlmAdapter`), ``texts`` are questions and
+    the map explains the model's own greedy answer (``answer=None``) or the given one; ``token``
+    picks one token of the answer (default: the whole answer). ``method`` defaults to
+    ``"grad_eclip"`` for CLIP models and ``"answer_relevancy"`` for VLMs.
     """
-    return get_method(method)(model, **params).explain(images, texts)
+    is_vlm = isinstance(model, VlmAdapter)
+    name = method or ("answer_relevancy" if is_vlm else "grad_eclip")
+    cls = get_method(name)
+    wanted = "vlm" if is_vlm else "clip"
+    if cls.explains != wanted:
+        fitting = sorted(n for n, c in REGISTRY.items() if c.explains == wanted)
+        kind = "generative VLMs" if cls.explains == "vlm" else "CLIP-style models"
+        raise ValueError(f"method {name!r} explains {kind}, not a {type(model).__name__}; methods for this model: "
+                         f"{', '.join(fitting)}")
+    if is_vlm:
+        return cls(model, **params).explain(images, texts, answer=answer, token=token)  # type: ignore[call-arg]
+    if answer is not None or token is not None:
+        raise ValueError("answer= and token= apply to generative VLMs; a CLIP model explains its image-text pairs")
+    return cls(model, **params).explain(images, texts)
 
 
 def list_methods() -> Any:
@@ -48,6 +75,7 @@ def list_methods() -> Any:
             "granularity": cls.granularity,
             "family": cls.family,
             "modality": cls.modality,
+            "explains": cls.explains,
             "reference": cls.reference,
             "parameters": dict(cls.defaults),
         }

@@ -95,6 +95,7 @@ class Method:
     granularity: ClassVar[Granularity] = "token"
     family: ClassVar[str]  # "gradient", "attention", "perturbation", "value path", ...
     modality: ClassVar[Literal["image", "text"]] = "image"
+    explains: ClassVar[str] = "clip"  # the kind of model: "clip" (dual encoders) or "vlm" (generative)
     reference: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
 
@@ -118,6 +119,12 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {cls.name!r} is registered twice")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def image_methods(explains: str = "clip") -> list[str]:
+    """The registered methods that map the image side of a model kind (``"clip"`` or ``"vlm"``),
+    sorted: what "all methods" means for a bench, a sanity check or a benchmark of that kind."""
+    return sorted(name for name, cls in REGISTRY.items() if cls.modality == "image" and cls.explains == explains)
 
 
 def get_method(name: str) -> type[Method]:

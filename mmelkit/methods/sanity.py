@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mmelkit.methods.base import REGISTRY, get_method
+from mmelkit.methods.base import get_method, image_methods
 from mmelkit.models.adapter import ClipAdapter, TextLike
 
 Mode = Literal["cascading", "independent"]
@@ -167,10 +167,10 @@ def reinitialise(parameters: NamedParameters, seed: int) -> None:
 
 
 def default_methods() -> list[str]:
-    """Every registered method that explains the image side."""
+    """Every registered method that explains the image side of a CLIP model."""
     import mmelkit.methods  # noqa: F401  (importing registers every method)
 
-    return sorted(name for name, cls in REGISTRY.items() if cls.modality == "image")
+    return image_methods("clip")
 
 
 def _describe(mode: Mode, components: Sequence[str], step: int) -> str:

@@ -13,6 +13,7 @@ co-occurrence-trained model is tested where partners are usually apart.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,29 @@ def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def evaluate_pope(
+    vlm: Any,
+    images: int = 100,
+    config: VqaConfig | None = None,
+    batch_size: int = 64,
+    on_split: Callable[[], object] | None = None,
+) -> dict[str, PopeScores]:
+    """POPE on each split (random, popular, adversarial) over ``images`` held-out scenes: the part of
+    :func:`evaluate_vlm` that measures object hallucination, on its own."""
+    if not isinstance(images, int) or images < 1:
+        raise ValueError(f"images must be a positive integer; got {images!r}")
+    config = config or VqaConfig()
+    scenes = [held_out(config, seed=_POPE_SEED, length=images, kind="caption")[i].scene for i in range(images)]
+    pope: dict[str, PopeScores] = {}
+    for split in POPE_SPLITS:
+        probes = pope_probes(scenes, split, config)
+        predictions = _answers(vlm, probes, batch_size, max_new_tokens=2)
+        pope[split] = pope_scores(predictions, [p.answer for p in probes])
+        if on_split is not None:
+            on_split()
+    return pope
+
+
 def evaluate_vlm(
     vlm: Any,
     per_kind: int = 200,
@@ -122,13 +146,7 @@ def evaluate_vlm(
                   for p, i, h in zip(predictions, items, hits, strict=True) if not h][:3]
         parts.update(1)
 
-    scenes = [held_out(config, seed=_POPE_SEED, length=pope_images, kind="caption")[i].scene for i in range(pope_images)]
-    pope: dict[str, PopeScores] = {}
-    for split in POPE_SPLITS:
-        probes = pope_probes(scenes, split, config)
-        predictions = _answers(vlm, probes, batch_size, max_new_tokens=2)
-        pope[split] = pope_scores(predictions, [p.answer for p in probes])
-        parts.update(1)
+    pope = evaluate_pope(vlm, pope_images, config, batch_size, on_split=lambda: parts.update(1))
 
     captions = [held_out(config, seed=_CHAIR_SEED, length=caption_images, kind="caption")[i] for i in range(caption_images)]
     said = _answers(vlm, captions, batch_size, max_new_tokens=24)

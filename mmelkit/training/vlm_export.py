@@ -107,11 +107,16 @@ def model_card(meta: dict[str, Any], size_bytes: int) -> str:
         "",
         "## Training",
         f"- questions: existence, attribute, count (0-4), relation, caption; co-occurrence {config['co_occurrence']}",
+        *(["- question mix: " + ", ".join(f"{k} {w:g}" for k, w in config["kind_weights"].items())]
+          if config.get("kind_weights") else []),
+        *([f"- {config['turns']} questions per image, as one LLaVA-style conversation (SceneQA.conversation)"]
+          if config.get("turns", 1) > 1 else []),
         f"- AdamW, lr {config['lr']} (vision tower x {config['vision_lr_scale']}), warm-up {config['warmup_steps']}, "
         f"cosine to 5%; batch {config['batch_size']}; init seed {config['init_seed']}, data seed {config['data_seed']}",
-        f"- {train['steps']} steps, {train['questions_seen']:,} questions, {train['seconds'] / 60:.0f} minutes on "
+        f"- {train['steps']} steps, {train['questions_seen']:,} {'images' if config.get('turns', 1) > 1 else 'questions'}, "
+        f"{train['seconds'] / 60:.0f} minutes on "
         f"{train['hardware']}",
-        (f"- continued training from `{config['init_from']}`; how to reproduce both stages: see Notes"
+        (f"- continued training from `{config['init_from']}`; how to reproduce every stage: see Notes"
          if config.get("init_from") else f"- reproduce: `mmelkit train vlm --preset {meta['name']} --export`"),
         "",
     ]

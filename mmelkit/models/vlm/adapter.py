@@ -545,7 +545,8 @@ class VlmAdapter:
             raise ValueError("the logits do not cover every answer position: keep more positions")
         predict_from = predict_from.clamp(min=0)
         rows = torch.arange(len(batch), device=logits.device)[:, None]
-        picked = logits[rows, predict_from].float().log_softmax(-1)  # (N, T, vocab)
+        wide = torch.promote_types(logits.dtype, torch.float32)  # half precision scored in fp32, fp64 kept
+        picked = logits[rows, predict_from].to(wide).log_softmax(-1)  # (N, T, vocab)
         token_ids = batch.input_ids.gather(1, positions)
         token_logprobs = picked.gather(-1, token_ids[..., None])[..., 0] * mask
         return AnswerLogprob(token_logprobs, token_ids.masked_fill(~mask, self.pad_token_id), mask,

@@ -51,10 +51,22 @@ class VlmBatch:
             raise ValueError("this batch has no answers: encode it with answers=...")
         return self.answer_positions, self.answer_mask
 
+    def select(self, rows: torch.Tensor | list[int]) -> VlmBatch:
+        """The batch of rows ``rows`` (repeats allowed: the copies a perturbation method runs)."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        listed = index.tolist()
+        spans = None if self.answer_spans is None else [self.answer_spans[i] for i in listed]
+        positions = None if self.answer_positions is None else self.answer_positions[index]
+        mask = None if self.answer_mask is None else self.answer_mask[index]
+        return VlmBatch(self.input_ids[index], self.attention_mask[index],
+                        self.pixel_values[index.to(self.pixel_values.device)], self.visual_positions[index],
+                        [self.prompts[i] for i in listed], spans, positions, mask)
+
 
 @dataclass(eq=False)
 class AnswerLogprob:
-    """Per-token log-probabilities of teacher-forced answers (float32, on the model's device)."""
+    """Per-token log-probabilities of teacher-forced answers (float32, float64 for a float64 model; on the
+    model's device)."""
 
     token_logprobs: torch.Tensor  # (N, T), 0 where mask is False
     token_ids: torch.Tensor  # (N, T) the scored tokens (pad where mask is False)
