@@ -4,9 +4,12 @@
   training pairs).
 * ``mmelkit.methods.perturbation``: data-level input perturbation maps (occlusion, RISE).
 * ``mmelkit.methods.token``: model-level, token-granularity maps (Grad-ECLIP, MMEL, raw
-  attention, attention rollout, generic attention, Grad-CAM, Integrated Gradients, SmoothGrad).
+  attention, attention rollout, generic attention, Grad-CAM, Integrated Gradients, SmoothGrad;
+  for generative VLMs the ``answer_*`` maps: attention, relevancy, gradient x input, IG).
 * ``mmelkit.methods.architecture``: model-level, architecture-granularity value-path maps
   (MaskCLIP, CLIP Surgery).
+* ``mmelkit.methods.inference``: inference-level tools for generative VLMs (Visual Contrastive
+  Decoding, the visual attention share as a hallucination signal).
 * ``mmelkit.methods.text``: the text side of a pair, scores over its tokens and words
   (Grad-ECLIP text side, Integrated Gradients over token embeddings, leave-one-word-out); they
   return a :class:`~mmelkit.methods.base.TextExplanation`.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmelkit.methods import architecture, perturbation, text  # noqa: F401  (importing registers the methods)
+from mmelkit.methods import architecture, inference, perturbation, text  # noqa: F401  (importing registers the methods)
 from mmelkit.methods import token as _token_methods  # noqa: F401
 from mmelkit.methods.base import REGISTRY, Explanation, Method, TextExplanation, get_method
 from mmelkit.models.adapter import ClipAdapter, TextLike

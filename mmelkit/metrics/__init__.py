@@ -22,7 +22,15 @@ from mmelkit.metrics.faithfulness import (
     insertion_curves,
     perturbation_curves,
 )
-from mmelkit.metrics.hallucination import ChairScores, PopeScores, chair_scores, parse_yes_no, pope_scores
+from mmelkit.metrics.hallucination import (
+    ChairScores,
+    PopeScores,
+    binary_auroc,
+    chair_scores,
+    detector_auroc,
+    parse_yes_no,
+    pope_scores,
+)
 from mmelkit.metrics.localisation import (
     box_masks,
     energy_pointing_game,
@@ -39,6 +47,8 @@ __all__ = [
     "GROUPS",
     "METRICS",
     "ChairScores",
+    "binary_auroc",
+    "detector_auroc",
     "ConfidenceChange",
     "Curves",
     "MetricInfo",

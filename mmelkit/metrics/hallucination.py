@@ -8,6 +8,8 @@ registry (:mod:`mmelkit.metrics.registry`). Both take plain strings, so any VLM'
   balanced probe set an always-"yes" model scores F1 = 2/3 and yes-ratio 1.
 * CHAIR (Rohrbach et al., EMNLP 2018): on captions, CHAIR_i = hallucinated object mentions / all
   object mentions, CHAIR_s = captions with at least one hallucinated object / all captions.
+* :func:`detector_auroc`: how well a per-answer signal (per layer) tells hallucinated answers from
+  correct ones, e.g. the visual attention share of :mod:`mmelkit.methods.inference`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -122,3 +126,32 @@ def chair_scores(
         hallucinated_captions=bad_captions,
         recall=named / truth_total if truth_total else 0.0,
     )
+
+
+def binary_auroc(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """AUROC of ``scores`` (K,) for the ``positive`` (K,) bool class, exact via Mann-Whitney U
+    (ties count one half: constant scores give 0.5). A float64 scalar; undefined (an error) without
+    both classes."""
+    from mmelkit.methods.sanity import average_ranks
+
+    if scores.ndim != 1 or positive.shape != scores.shape or positive.dtype != torch.bool:
+        raise ValueError(f"scores must be (K,) and positive (K,) bool; got {tuple(scores.shape)} and "
+                         f"{tuple(positive.shape)} {positive.dtype}")
+    count = int(positive.sum())
+    if count == 0 or count == len(scores):
+        raise ValueError(f"the AUROC needs both classes; got {count} positives among {len(scores)}")
+    ranks = average_ranks(scores.detach().double()[None])[0]
+    positives, negatives = float(count), float(len(scores) - count)
+    u = ranks[positive.to(ranks.device)].sum() - positives * (positives - 1) / 2
+    return u / (positives * negatives)
+
+
+def detector_auroc(signal: torch.Tensor, hallucinated: torch.Tensor, lower_means_hallucinated: bool = True) -> torch.Tensor:
+    """(layers,) AUROC per layer of a detector that flags a hallucination where ``signal`` (N,
+    layers) is low (or high, ``lower_means_hallucinated=False``); ``hallucinated`` (N,) bool.
+    0.5 is chance."""
+    if signal.ndim != 2 or hallucinated.shape != signal.shape[:1]:
+        raise ValueError(f"signal must be (N, layers) and hallucinated (N,); got {tuple(signal.shape)} and "
+                         f"{tuple(hallucinated.shape)}")
+    sign = -1.0 if lower_means_hallucinated else 1.0
+    return torch.stack([binary_auroc(sign * signal[:, layer], hallucinated) for layer in range(signal.shape[1])])

@@ -80,12 +80,12 @@ class VlmQuality:
         return json.dumps(self.as_dict(), indent=2)
 
 
-def _answers(vlm: Any, items: list[QAItem], batch_size: int, max_new_tokens: int) -> list[str]:
+def _answers(vlm: Any, items: list[QAItem], batch_size: int, max_new_tokens: int, logits_hook: Any = None) -> list[str]:
     texts: list[str] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         result = vlm.generate([i.scene.image for i in chunk], [i.question for i in chunk],
-                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, logits_hook=logits_hook)
         texts += result.texts
     return texts
 
@@ -100,9 +100,11 @@ def evaluate_pope(
     config: VqaConfig | None = None,
     batch_size: int = 64,
     on_split: Callable[[], object] | None = None,
+    logits_hook: Any = None,
 ) -> dict[str, PopeScores]:
     """POPE on each split (random, popular, adversarial) over ``images`` held-out scenes: the part of
-    :func:`evaluate_vlm` that measures object hallucination, on its own."""
+    :func:`evaluate_vlm` that measures object hallucination, on its own. ``logits_hook``: a decoding
+    option for :meth:`VlmAdapter.generate` (e.g. :class:`~mmelkit.methods.inference.VisualContrastiveDecoding`)."""
     if not isinstance(images, int) or images < 1:
         raise ValueError(f"images must be a positive integer; got {images!r}")
     config = config or VqaConfig()
@@ -110,11 +112,25 @@ def evaluate_pope(
     pope: dict[str, PopeScores] = {}
     for split in POPE_SPLITS:
         probes = pope_probes(scenes, split, config)
-        predictions = _answers(vlm, probes, batch_size, max_new_tokens=2)
+        predictions = _answers(vlm, probes, batch_size, max_new_tokens=2, logits_hook=logits_hook)
         pope[split] = pope_scores(predictions, [p.answer for p in probes])
         if on_split is not None:
             on_split()
     return pope
+
+
+def evaluate_chair(
+    vlm: Any, images: int = 200, config: VqaConfig | None = None, batch_size: int = 64, logits_hook: Any = None
+) -> ChairScores:
+    """CHAIR on "describe the image ." captions of ``images`` held-out scenes (the caption part of
+    :func:`evaluate_vlm`), optionally with a decoding option (``logits_hook``)."""
+    if not isinstance(images, int) or images < 1:
+        raise ValueError(f"images must be a positive integer; got {images!r}")
+    config = config or VqaConfig()
+    captions = [held_out(config, seed=_CHAIR_SEED, length=images, kind="caption")[i] for i in range(images)]
+    said = _answers(vlm, captions, batch_size, max_new_tokens=24, logits_hook=logits_hook)
+    return chair_scores(said, [[o.name for o in c.scene.objects] for c in captions],
+                        lambda text: caption_mentions(text, config.scene))
 
 
 def evaluate_vlm(
@@ -148,10 +164,7 @@ def evaluate_vlm(
 
     pope = evaluate_pope(vlm, pope_images, config, batch_size, on_split=lambda: parts.update(1))
 
-    captions = [held_out(config, seed=_CHAIR_SEED, length=caption_images, kind="caption")[i] for i in range(caption_images)]
-    said = _answers(vlm, captions, batch_size, max_new_tokens=24)
-    chair = chair_scores(said, [[o.name for o in c.scene.objects] for c in captions],
-                         lambda text: caption_mentions(text, config.scene))
+    chair = evaluate_chair(vlm, caption_images, config, batch_size)
     parts.update(1)
     parts.close()
     samples = {"per_kind": per_kind, "pope_images": pope_images, "pope_probes": pope["random"].n,
