@@ -195,3 +195,19 @@ def clean_visual_tokens(vlm: VlmAdapter, target: AnswerTarget) -> torch.Tensor:
 def chunked_rows(count: int, batch_size: int, device: torch.device) -> list[torch.Tensor]:
     """Indices 0..count-1 in chunks of ``batch_size`` (the copies of a batched method)."""
     return [torch.arange(start, min(start + batch_size, count), device=device) for start in range(0, count, batch_size)]
+
+
+def visual_tokens_of_masks(vlm: VlmAdapter, masks: Any, min_share: float = 0.3) -> torch.Tensor:
+    """(N, V) bool: the visual tokens whose patch is at least ``min_share`` covered by each row's
+    mask (an object's visual tokens). ``masks`` (N, H, W) bool, numpy or torch, any size: resized
+    to the model input first."""
+    import torch.nn.functional as F
+
+    tensor = torch.as_tensor(masks)
+    if tensor.ndim != 3 or tensor.dtype != torch.bool:
+        raise ValueError(f"masks must be (N, H, W) bool; got {tuple(tensor.shape)} {tensor.dtype}")
+    if not 0.0 < min_share <= 1.0:
+        raise ValueError(f"min_share must lie in (0, 1]; got {min_share}")
+    covered = F.interpolate(tensor[:, None].float(), size=vlm.image_size, mode="bilinear", align_corners=False)
+    share = F.avg_pool2d(covered, kernel_size=vlm.patch_size)[:, 0]  # (N, rows, cols)
+    return (share >= min_share).flatten(1).to(vlm.device)
