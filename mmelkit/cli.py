@@ -562,6 +562,9 @@ def _add_bench(commands: Subparsers) -> None:
     parser.add_argument("--preset", choices=["mmel-paper", "localisation", "clutter"],
                         help="start from a preset (the options below override it)")
     parser.add_argument("--model", default="scene-clip", help="any load_model spec (default: %(default)s)")
+    parser.add_argument("--vlm", metavar="SPEC", help="score a generative VLM's answer maps instead (any load_vlm "
+                        "spec, e.g. scene-llava): pointing game, IoU, deletion AUC and the randomisation check on "
+                        "held-out questions about one object; --methods, --samples, --batch-size, --steps, --seed apply")
     parser.add_argument("--methods", help="comma-separated method names, or 'all' image-side methods")
     parser.add_argument("--datasets", help="comma-separated: scenes, scenes:MIN-MAX, photos, coco:ROOT, "
                         "coco-captions:ROOT (default: scenes)")
@@ -591,6 +594,8 @@ def _bench(args: argparse.Namespace) -> int:
         return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
     methods = listed(args.methods)
+    if args.vlm is not None:
+        return _bench_vlm(args, methods)
     if methods == ["all"]:
         methods = image_methods("clip")
     overrides = {"methods": methods, "datasets": listed(args.datasets), "metrics": listed(args.metrics),
@@ -632,6 +637,32 @@ def _bench(args: argparse.Namespace) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+    return EXIT_OK
+
+
+def _bench_vlm(args: argparse.Namespace, methods: list[str] | None) -> int:
+    import mmelkit
+    from mmelkit.bench.vlm import VlmBenchConfig, run_vlm_bench
+    from mmelkit.methods.base import image_methods
+
+    given = {"methods": image_methods("vlm") if methods in (None, ["all"]) else methods, "samples": args.samples,
+             "batch_size": args.batch_size, "deletion_steps": args.steps, "seed": args.seed}
+    if args.preset or args.datasets or args.metrics:
+        print("mmelkit bench: --preset, --datasets and --metrics apply to CLIP models, not to --vlm", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = VlmBenchConfig(**{k: v for k, v in given.items() if v is not None})
+        vlm = mmelkit.load_vlm(args.vlm, device=args.device)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"mmelkit bench: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    result = run_vlm_bench(vlm, config, progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vlm_table.md").write_text(result.to_markdown() + "\n")
+    result.per_item.to_csv(out / "vlm_items.csv", index=False)
+    print(result.to_markdown())
+    print(f"\nwritten to {out}/ (vlm_table.md, vlm_items.csv)")
     return EXIT_OK
 
 
