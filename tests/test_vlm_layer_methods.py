@@ -197,3 +197,18 @@ def test_visual_tokens_of_masks(vlm: VlmAdapter) -> None:
     assert torch.equal(visual_tokens_of_masks(vlm, bigger), tokens)
     with pytest.raises(ValueError, match="bool"):
         visual_tokens_of_masks(vlm, masks.astype(np.uint8))
+
+
+# -- figures ----------------------------------------------------------------------------------------------
+def test_figures_of_the_layer_tools(vlm: VlmAdapter, target: AnswerTarget) -> None:
+    from mmelkit.viz.vlm import causal_trace_figure, knockout_figure, logit_lens_figure
+
+    knockout = attention_knockout(vlm, target)
+    figure = knockout_figure(knockout, rows=[0, 2])
+    assert len(figure.data) == 2 and list(figure.data[0].y) == knockout.drops[0].tolist()
+    trace = causal_trace(vlm, target.select(torch.tensor([0])))
+    heat = causal_trace_figure(trace).data[0]
+    assert np.asarray(heat.z, dtype=float).shape == (vlm.num_decoder_layers, target.batch.input_ids.shape[1])
+    lens = logit_lens(vlm, target)
+    panels = logit_lens_figure(lens, row=1, layers=[0, vlm.num_decoder_layers])
+    assert len(panels.data) == 2 and np.asarray(panels.data[1].text).shape == vlm.grid

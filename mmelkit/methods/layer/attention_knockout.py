@@ -26,26 +26,14 @@ from mmelkit.models.vlm.adapter import VlmAdapter
 @dataclass(eq=False)
 class KnockoutResult:
     """``drops`` (N, windows): relative drop of p(answer) per window start ``starts``; ``clean``
-    (N,) p(answer) without knockout; ``window`` the window width in layers."""
+    (N,) p(answer) without knockout; ``window`` the window width in layers. Plot with
+    :func:`mmelkit.viz.vlm.knockout_figure`."""
 
     drops: torch.Tensor
     clean: torch.Tensor
     starts: list[int]
     window: int
     answers: list[str]
-
-    def plot(self, row: int = 0, ax: Any = None) -> Any:
-        """The drop per window start of one row (a line over layers)."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(4, 2.6))
-        ax.plot(self.starts, self.drops[row].cpu().numpy(), marker="o")
-        ax.set_xlabel(f"first knocked-out layer (window {self.window})")
-        ax.set_ylabel("relative drop of p(answer)")
-        ax.set_title(f"answer: {self.answers[row]!r}")
-        ax.axhline(0, color="grey", lw=0.5)
-        return ax
 
 
 @contextmanager

@@ -30,7 +30,8 @@ from mmelkit.models.vlm.adapter import VlmAdapter
 class CausalTrace:
     """``recovered`` (N, layers, L): p(answer) with layer l's clean state restored at position j
     (NaN where j is padding or after the last query column); ``clean`` and ``corrupted`` (N,)
-    p(answer) of the two runs; ``visual_positions`` (N, V) to mark the image's columns in a plot."""
+    p(answer) of the two runs; ``visual_positions`` (N, V) to mark the image's columns in a plot
+    (:func:`mmelkit.viz.vlm.causal_trace_figure`)."""
 
     recovered: torch.Tensor
     clean: torch.Tensor
@@ -43,22 +44,6 @@ class CausalTrace:
         """(recovered - corrupted) / (clean - corrupted): 1 where restoring one state is enough."""
         gap = (self.clean - self.corrupted)[:, None, None]
         return (self.recovered - self.corrupted[:, None, None]) / torch.where(gap.abs() < 1e-12, torch.ones_like(gap), gap)
-
-    def plot(self, row: int = 0, ax: Any = None) -> Any:
-        """The layers x positions map of one row, visual columns marked below the axis."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(8, 2.4))
-        values = self.effect[row].cpu().numpy()
-        image = ax.imshow(values, aspect="auto", cmap="magma", interpolation="nearest")
-        visual = self.visual_positions[row].cpu().numpy()
-        ax.plot(visual, [values.shape[0] - 0.5] * len(visual), "|", color="cyan", markersize=6, clip_on=False)
-        ax.set_xlabel("position (cyan: visual tokens)")
-        ax.set_ylabel("decoder layer")
-        ax.set_title(f"recovery of p({self.answers[row]!r}) by restoring one clean state")
-        plt.colorbar(image, ax=ax, fraction=0.03)
-        return ax
 
 
 @contextmanager
