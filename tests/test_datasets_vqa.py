@@ -354,6 +354,32 @@ def test_partner_map_is_a_fixed_point_free_involution() -> None:
     assert partner_map(config)["red circle"] != "changed"
 
 
+def _lone_share(config: VqaConfig, n: int = 400) -> float:
+    pairs = partner_map(config)
+    lone = total = 0
+    for kind in ("existence", "caption", "attribute"):
+        for item in SceneQA(config, seed=9, length=n, kind=kind):  # type: ignore[arg-type]
+            names = {o.name for o in item.scene.objects}
+            total += len(names)
+            lone += sum(pairs[name] not in names for name in names)
+    return lone / total
+
+
+def test_whole_couples_leave_no_object_alone() -> None:
+    # without the knob, counts of 1 and 3 leave an object alone even at p = 0.95
+    assert _lone_share(VqaConfig(co_occurrence=0.95)) > 0.2
+    assert _lone_share(VqaConfig(co_occurrence=1.0, whole_couples=True)) == 0.0
+    assert 0.0 < _lone_share(VqaConfig(co_occurrence=0.9, whole_couples=True)) < 0.1
+    # scene sizes stay within the configuration; counting questions still cover 0-4
+    config = VqaConfig(co_occurrence=1.0, whole_couples=True)
+    sizes = Counter(len(item.scene.objects) for item in SceneQA(config, seed=3, length=300, kind="caption"))
+    assert set(sizes) == {2, 4}
+    counts = Counter(item.answer for item in SceneQA(config, seed=3, length=300, kind="count"))
+    assert {"zero", "one", "two", "three", "four"} <= set(counts)
+    # without co-occurrence the knob pairs nothing: objects are almost always alone
+    assert _lone_share(VqaConfig(whole_couples=True)) > 0.8
+
+
 def test_partner_map_leaves_one_object_single_when_their_number_is_odd() -> None:
     scene = SceneConfig(shapes=("circle", "square", "star"), colours=("red", "green", "blue"))  # 9 objects
     pairs = partner_map(VqaConfig(scene=scene))
