@@ -102,3 +102,27 @@ def test_metric_speed_prints_maps_per_second(capsys, tmp_path) -> None:
     assert rows[0].target == ">=50 maps/s" and rows[0].verdict == "n/a"
     assert "maps/s (median)" in out and "8 forward images" in out
     assert md_path.read_text().startswith("| model | device |")
+
+
+def test_vlm_explain_cost_prints_a_ratio_per_method(capsys, tmp_path, monkeypatch) -> None:
+    from conftest import tiny_llava
+
+    from mmelkit.models.vlm import scene_llava
+
+    folder = tmp_path / "tiny"
+    tiny_llava().save_pretrained(folder)
+    scene_llava.build_processor(image_size=48, patch_size=8).save_pretrained(folder)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import vlm_explain_cost
+
+        monkeypatch.setattr(sys, "argv", ["vlm_explain_cost.py", "--model", str(folder), "--rows", "2",
+                                          "--repeats", "1", "--device", "cpu"])
+        vlm_explain_cost.main()
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = capsys.readouterr().out
+    for method in ("answer_attention", "answer_gradient_x_input", "answer_relevancy", "answer_integrated_gradients",
+                   "answer_occlusion", "attention_knockout", "causal_trace"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {method} |"))
+        assert float(row.split("|")[4]) > 0

@@ -5,8 +5,9 @@ re-normalised by hand), and the relative drop of p(answer), 1 - p_knocked / p_cl
 per l. A large drop at l says the image reaches the answer position through attention there.
 
 Every (row, window) copy is one row of a batched forward: a pre-hook on each decoder layer's
-attention edits the mask of the copies whose window covers that layer. Eager attention (an
-additive float mask) and sdpa (a boolean mask) are both handled; the hooks are removed on exit.
+attention edits the mask of the copies whose window covers that layer. Eager attention is forced
+while the hooks are in (sdpa receives no mask when no row is padded); an sdpa boolean mask would be
+handled too. Hooks and the attention implementation are restored on exit.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from mmelkit.methods.answers import AnswerTarget, chunked_rows, target_score
 from mmelkit.methods.base import positive_int
 from mmelkit.models.vlm.adapter import VlmAdapter
+from mmelkit.models.vlm.tracing import attention_implementation
 
 
 @dataclass(eq=False)
@@ -58,14 +60,16 @@ def knocked_out(vlm: VlmAdapter, blocked: dict[int, torch.Tensor]) -> Iterator[N
 
         return hook
 
-    try:
-        for layer, mask in blocked.items():
-            attention = vlm.parts.decoder_layers[layer].self_attn
-            handles.append(attention.register_forward_pre_hook(hook_for(mask), with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    # sdpa may get no mask at all (is_causal, when no row is padded): eager always gets one
+    with attention_implementation(vlm.model, "eager"):
+        try:
+            for layer, mask in blocked.items():
+                attention = vlm.parts.decoder_layers[layer].self_attn
+                handles.append(attention.register_forward_pre_hook(hook_for(mask), with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def attention_knockout(
@@ -100,7 +104,8 @@ def attention_knockout(
 
     starts = list(range(depth - window + 1))
     with torch.no_grad():
-        clean = target_score(vlm, target).exp()
+        with attention_implementation(vlm.model, "eager"):  # the knocked runs are eager: compare like with like
+            clean = target_score(vlm, target).exp()
         knocked = torch.empty(n * len(starts), device=visual.device, dtype=torch.float32)
         for flat in chunked_rows(n * len(starts), positive_int("batch_size", batch_size), visual.device):
             row, start = flat // len(starts), flat % len(starts)
