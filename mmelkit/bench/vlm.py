@@ -150,7 +150,6 @@ def run_vlm_bench(vlm: Any, config: VlmBenchConfig | None = None, progress: bool
     masks = masks.to(vlm.device)
     other = _randomised(vlm, config.seed) if config.sanity else None
     rows, curves, summary = [], {}, []
-    fractions = np.linspace(0, 1, config.deletion_steps + 1)
     for method in tqdm(config.methods, disable=not progress, desc="vlm bench", unit="method"):
         params = config.params.get(method, {})
         maps_list, seconds = [], 0.0
@@ -166,20 +165,20 @@ def run_vlm_bench(vlm: Any, config: VlmBenchConfig | None = None, progress: bool
         iou = mask_iou(upsampled, masks)
         target = answer_target(vlm, images, questions, answers)
         curve = deletion_curves(vlm, target, maps, config.deletion_steps, batch_size=4 * config.batch_size)
-        auc = torch.from_numpy(np.trapezoid(curve.cpu().numpy(), fractions, axis=1))
+        auc = torch.trapezoid(curve, dx=1.0 / config.deletion_steps, dim=1)
         if other is not None:
             shuffled = torch.cat([explain(other, images[s : s + config.batch_size], questions[s : s + config.batch_size],
                                           method=method, answer=answers[s : s + config.batch_size], **params).maps
                                   for s in range(0, len(items), config.batch_size)])
-            rho = spearman(maps.cpu(), shuffled.cpu())
+            rho = spearman(maps, shuffled)
         else:
-            rho = torch.full((len(items),), float("nan"))
+            rho = torch.full((len(items),), float("nan"), device=maps.device)
         curves[method] = curve.mean(0).cpu().numpy()
         for index, item in enumerate(items):
             rows.append({"method": method, "kind": item.kind, "question": item.question, "answer": item.answer,
                          "pointing": float(pointing[index]), "iou": float(iou[index]),
                          "deletion_auc": float(auc[index]), "sanity_rho": float(rho[index])})
         summary.append({"method": method, "pointing": float(pointing.mean()), "iou": float(iou.mean()),
-                        "deletion_auc": float(auc.mean()), "sanity_rho": float(np.nanmean(rho.numpy())),
+                        "deletion_auc": float(auc.mean()), "sanity_rho": float(rho.nanmean()),
                         "seconds": seconds})
     return VlmBenchResult(pd.DataFrame(summary).set_index("method"), pd.DataFrame(rows), curves)

@@ -56,7 +56,8 @@ class VisualContrastiveDecoding:
             raise ValueError(f"alpha must be non-negative; got {alpha}")
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must lie in [0, 1]; got {beta}")
-        distort_pixels(torch.zeros(1, 1, 1, 1), noise)  # validates noise
+        if not 0.0 <= noise <= 1.0:
+            raise ValueError(f"noise is the share of variance replaced by noise, in [0, 1]; got {noise}")
         self.vlm, self.alpha, self.beta, self.noise, self.seed = vlm, float(alpha), float(beta), float(noise), int(seed)
         self._stream: DecodeStream | None = None
 
