@@ -134,8 +134,14 @@ def visual_maps_explanation(
     vlm: VlmAdapter, values: torch.Tensor, method: str, params: dict[str, Any], target: AnswerTarget
 ) -> Explanation:
     """Per-visual-token values (N, V) -> an :class:`Explanation` on the patch grid, min-max
-    normalised; ``texts`` are the explained answers, ``params`` record the questions too."""
+    normalised; ``texts`` are the explained answers, ``params`` record the questions too.
+
+    With the ``"full"`` feature strategy the visual tokens start with the vision tower's CLS token,
+    which has no place on the grid: its value is dropped (values of the patches alone are taken too)."""
     rows, cols = vlm.grid
+    prefix = vlm.num_prefix_visual_tokens
+    if prefix and values.shape == (len(target), prefix + rows * cols):
+        values = values[:, prefix:]
     if values.shape != (len(target), rows * cols):
         raise ValueError(f"expected (N, V) = ({len(target)}, {rows * cols}) values; got {tuple(values.shape)}")
     maps = normalise_maps(values.detach().float().reshape(-1, rows, cols))
@@ -199,7 +205,7 @@ def chunked_rows(count: int, batch_size: int, device: torch.device) -> list[torc
 
 def visual_tokens_of_masks(vlm: VlmAdapter, masks: Any, min_share: float = 0.3) -> torch.Tensor:
     """(N, V) bool: the visual tokens whose patch is at least ``min_share`` covered by each row's
-    mask (an object's visual tokens). ``masks`` (N, H, W) bool, numpy or torch, any size: resized
+    mask (an object's visual tokens; a leading CLS token of the ``"full"`` strategy is never one). ``masks`` (N, H, W) bool, numpy or torch, any size: resized
     to the model input first."""
     import torch.nn.functional as F
 
@@ -210,4 +216,5 @@ def visual_tokens_of_masks(vlm: VlmAdapter, masks: Any, min_share: float = 0.3) 
         raise ValueError(f"min_share must lie in (0, 1]; got {min_share}")
     covered = F.interpolate(tensor[:, None].float(), size=vlm.image_size, mode="bilinear", align_corners=False)
     share = F.avg_pool2d(covered, kernel_size=vlm.patch_size)[:, 0]  # (N, rows, cols)
-    return (share >= min_share).flatten(1).to(vlm.device)
+    patches = (share >= min_share).flatten(1)
+    return F.pad(patches, (vlm.num_prefix_visual_tokens, 0), value=False).to(vlm.device)  # a CLS token covers nothing

@@ -33,8 +33,8 @@ class LogitLens:
 
     def words(self, row: int, layer: int, rank: int = 0) -> list[list[str]]:
         """The rank-th word of every visual token of one row at one layer, as the patch grid."""
-        ids = self.top_ids[row, layer, :, rank].tolist()
         rows, cols = self.grid
+        ids = self.top_ids[row, layer, :, rank].tolist()[-rows * cols :]  # the patches (a leading CLS has no cell)
         return [[self.vocabulary[i] for i in ids[r * cols : (r + 1) * cols]] for r in range(rows)]
 
     def localisation(self, tokens: torch.Tensor, names: Sequence[Sequence[str]]) -> torch.Tensor:

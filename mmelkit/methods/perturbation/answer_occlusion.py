@@ -44,7 +44,8 @@ def occlusion_drops(
     batch_size = positive_int("batch_size", batch_size)
     visual = clean_visual_tokens(vlm, target)
     filler = visual.mean(dim=1, keepdim=True)  # (N, 1, D)
-    windows = windows.to(visual.device)
+    # windows lie on the patch grid; a leading CLS token ("full" strategy) is never occluded
+    windows = torch.nn.functional.pad(windows.to(visual.device), (visual.shape[1] - windows.shape[1], 0), value=False)
     count = len(windows)
     with torch.no_grad():
         clean = target_score(vlm, target, visual)

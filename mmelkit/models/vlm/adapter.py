@@ -601,7 +601,7 @@ class VlmAdapter:
                     self._traces.remove(trace)
 
 
-# -- helpers ----------------------------------------------------------------------------------------# -- helpers ----------------------------------------------------------------------------------------
+# -- helpers ----------------------------------------------------------------------------------------
 class _ImageSource:
     """The images of a call, preprocessed chunk by chunk (one image for many rows: once)."""
 
