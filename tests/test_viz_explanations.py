@@ -165,3 +165,38 @@ def test_with_a_model_and_the_explorer(images: torch.Tensor) -> None:
     assert not explorer.layers.disabled and explorer.update().params["layers"] == 2
     with pytest.raises(ValueError, match="unknown method"):
         ExplanationExplorer(model, images[0], TEXTS, methods=["nope"])
+
+
+def test_the_explorer_drives_a_generative_vlm_over_several_scenes() -> None:
+    from conftest import tiny_llava
+
+    vlm = mmelkit.load_vlm(tiny_llava(), device="cpu")
+    rng = np.random.default_rng(1)
+    scenes = [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(3)]
+    questions = ["what colour is the star ?", "is there a red circle ?"]
+    explorer = ExplanationExplorer(vlm, scenes, questions, image_labels=["a", "b", "c"])
+    assert list(explorer.method.options) == list(ExplanationExplorer.VLM_METHODS)
+    assert explorer.scene in explorer.widget.children[0].children  # several scenes: a scene picker
+    own = vlm.generate([scenes[0]], questions[:1], max_new_tokens=8).texts[0]
+    assert explorer.figure.layout.title.text == f"answer_relevancy: {questions[0]} → {own!r}"
+
+    before_map, before_image = np.array(explorer.figure.data[1].z), np.array(explorer.figure.data[0].z)
+    explorer.scene.value = 2  # the widgets' observers call update()
+    assert not np.array_equal(before_image, np.array(explorer.figure.data[0].z))
+    assert not np.array_equal(before_map, np.array(explorer.figure.data[1].z))
+    expected = mmelkit.explain(vlm, [scenes[2]], questions[:1], method="answer_relevancy")
+    np.testing.assert_allclose(np.array(explorer.figure.data[1].z), heat_map(expected, (48, 48)), atol=1e-6)
+
+    explorer.method.value = "answer_attention"
+    assert not explorer.layers.disabled and explorer.layers.value == vlm.num_decoder_layers
+    explorer.layers.value = 1  # the last decoder layer only
+    assert explorer.update().params["layers"] == (vlm.num_decoder_layers - 1, vlm.num_decoder_layers)
+    explorer.method.value = "answer_gradient_x_input"
+    assert explorer.layers.disabled
+
+    single = ExplanationExplorer(vlm, scenes[0], questions, methods=["answer_attention"])
+    assert single.scene not in single.widget.children[0].children
+    with pytest.raises(ValueError, match="explain CLIP-style models"):
+        ExplanationExplorer(vlm, scenes, questions, methods=["grad_eclip"])
+    with pytest.raises(ValueError, match="image labels"):
+        ExplanationExplorer(vlm, scenes, questions, image_labels=["only one"])

@@ -259,55 +259,96 @@ def text_scores_figure(
 
 
 class ExplanationExplorer:
-    """An ipywidgets control over one image: a method dropdown, a text dropdown and a ``layers``
-    slider (enabled for methods that have that parameter, such as grad_eclip) driving a plotly
-    overlay (a ``FigureWidget``, updated in place).
+    """An ipywidgets control over one image or a few: a scene dropdown (when several images are
+    given), a method dropdown, a text dropdown and a ``layers`` slider (enabled for methods that have
+    that parameter) driving a plotly overlay (a ``FigureWidget``, updated in place).
+
+    The same explorer serves both kinds of model. For a CLIP-style model (``load_model``) the texts
+    are captions and ``layers`` is the number of last blocks (grad_eclip). For a generative VLM
+    (``load_vlm``) the texts are questions, each map explains the model's own answer (shown in the
+    title), and ``layers`` averages the last k decoder layers (answer_attention).
 
     ``explorer.widget`` is the box to display (a notebook shows ``explorer`` itself);
     ``explorer.update()`` recomputes the map for the current choices and returns the Explanation
     (the widgets call it on every change; call it yourself where widgets do not run).
-    ``method_params``: extra keyword arguments per method name.
+    ``method_params``: extra keyword arguments per method name. ``image_labels``: names of the
+    scenes in the dropdown (default "scene 0", "scene 1", ...).
     """
+
+    CLIP_METHODS: tuple[str, ...] = ("grad_eclip", "rollout", "maskclip")
+    VLM_METHODS: tuple[str, ...] = ("answer_relevancy", "answer_attention", "answer_gradient_x_input")
 
     def __init__(
         self,
         model: Any,
         image: Any,
         texts: Sequence[str],
-        methods: Sequence[str] = ("grad_eclip", "rollout", "maskclip"),
+        methods: Sequence[str] | None = None,
         method_params: Mapping[str, Mapping[str, Any]] | None = None,
         opacity: float = 0.5,
+        image_labels: Sequence[str] | None = None,
     ) -> None:
         import ipywidgets as widgets
 
         from mmelkit.methods import get_method
+        from mmelkit.models.vlm import VlmAdapter
 
+        self.is_vlm = isinstance(model, VlmAdapter)
+        kind = "vlm" if self.is_vlm else "clip"
+        methods = list(methods) if methods is not None else list(self.VLM_METHODS if self.is_vlm else self.CLIP_METHODS)
         if not texts or not methods:
             raise ValueError("the explorer needs at least one text and one method")
         self.classes = {name: get_method(name) for name in methods}  # unknown names fail here
-        self.model, self.image = model, image
+        wrong = [name for name, cls in self.classes.items() if getattr(cls, "explains", "clip") != kind]
+        if wrong:
+            what = "generative VLMs" if kind == "clip" else "CLIP-style models"
+            raise ValueError(f"methods {wrong} explain {what}, not this {type(model).__name__}")
+        self.images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not self.images:
+            raise ValueError("the explorer needs at least one image")
+        labels = list(image_labels) if image_labels is not None else [f"scene {i}" for i in range(len(self.images))]
+        if len(labels) != len(self.images):
+            raise ValueError(f"got {len(labels)} image labels for {len(self.images)} images")
+        self.model, self.opacity = model, opacity
         self.method_params = {k: dict(v) for k, v in (method_params or {}).items()}
-        self.method = widgets.Dropdown(options=list(methods), description="method")
-        self.text = widgets.Dropdown(options=list(texts), description="text")
-        self.layers = widgets.IntSlider(value=1, min=1, max=model.num_image_blocks, description="layers")
+        self.scene = widgets.Dropdown(options=list(zip(labels, range(len(labels)))), value=0, description="scene")
+        self.method = widgets.Dropdown(options=methods, description="method")
+        self.text = widgets.Dropdown(options=list(texts), description="question" if self.is_vlm else "text")
+        depth = model.num_decoder_layers if self.is_vlm else model.num_image_blocks
+        self.layers = widgets.IntSlider(value=depth if self.is_vlm else 1, min=1, max=depth, description="layers")
         first = self._explain()
-        self.figure = go.FigureWidget(explanation_overlay(image, first, opacity=opacity))
-        self.widget = widgets.VBox([widgets.HBox([self.method, self.text, self.layers]), self.figure])
-        for control in (self.method, self.text, self.layers):
+        self.figure = go.FigureWidget(explanation_overlay(self.image, first, title=self._title(first), opacity=opacity))
+        controls = ([self.scene] if len(self.images) > 1 else []) + [self.method, self.text, self.layers]
+        self.widget = widgets.VBox([widgets.HBox(controls), self.figure])
+        for control in (self.scene, self.method, self.text, self.layers):
             control.observe(lambda _change: self.update(), names="value")
+
+    @property
+    def image(self) -> Any:
+        """The image of the chosen scene."""
+        return self.images[self.scene.value]
 
     def _explain(self) -> Explanation:
         cls = self.classes[self.method.value]
         params = dict(self.method_params.get(self.method.value, {}))
         self.layers.disabled = "layers" not in cls.defaults
         if not self.layers.disabled:
-            params["layers"] = self.layers.value
+            # CLIP methods count their last blocks; VLM methods take a (start, stop) decoder range
+            depth = self.layers.max
+            params["layers"] = (depth - self.layers.value, depth) if self.is_vlm else self.layers.value
         return cls(self.model, **params).explain([self.image], [self.text.value])
+
+    def _title(self, explanation: Explanation) -> str:
+        said = explanation.texts[0] if explanation.texts else ""
+        if self.is_vlm:
+            return f"{explanation.method}: {self.text.value} → {said!r}"
+        return f"{explanation.method}: {said!r}"
 
     def update(self) -> Explanation:
         explanation = self._explain()
-        fresh = explanation_overlay(self.image, explanation)
+        fresh = explanation_overlay(self.image, explanation, title=self._title(explanation))
         with self.figure.batch_update():
+            self.figure.data[0].z = fresh.data[0].z
             self.figure.data[1].z = fresh.data[1].z
             self.figure.layout.title = fresh.layout.title
         return explanation
