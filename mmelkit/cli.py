@@ -351,6 +351,9 @@ def _add_train_vlm(what: Subparsers) -> None:
                      help="start from an exported model folder or a last.pt (default: the preset's)")
     vlm.add_argument("--whole-couples", action="store_const", const=True, default=None,
                      help="co-occurring scenes are made of whole couples only (default: the preset's)")
+    vlm.add_argument("--implied-partner", type=float,
+                     help="probability that an existence question asks about the absent partner of an object "
+                     "that is there, answered 'yes' (default: the preset's)")
     vlm.add_argument("--turns", type=int,
                      help="questions per image, asked as one conversation (default: the preset's, else 1)")
     vlm.add_argument("--kind-weights", metavar="KIND=W,...",
@@ -388,7 +391,8 @@ def _train_vlm(args: argparse.Namespace) -> int:
 
     settings = dict(PRESETS[args.preset])
     given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps,
-             "co_occurrence": args.co_occurrence, "whole_couples": args.whole_couples, "turns": args.turns, "vision_lr_scale": args.vision_lr_scale,
+             "co_occurrence": args.co_occurrence, "whole_couples": args.whole_couples,
+             "implied_partner": args.implied_partner, "turns": args.turns, "vision_lr_scale": args.vision_lr_scale,
              "init_from": args.init_from, "init_seed": args.seed, "data_seed": args.data_seed}
     settings.update({key: value for key, value in given.items() if value is not None})
     try:

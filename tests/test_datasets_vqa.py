@@ -524,9 +524,34 @@ def test_pope_probes_are_deterministic_and_check_their_arguments(pope_scenes: li
 # --------------------------------------------------------------------------------------------------
 
 
+def test_implied_partners_say_yes_to_an_absent_partner_of_an_object_that_is_there() -> None:
+    config = VqaConfig(co_occurrence=0.95, whole_couples=True, implied_partner=0.3)
+    pairs = partner_map(config)
+    seen = Counter()
+    for item in SceneQA(config, seed=4, length=600, kind="existence"):
+        names = [o.name for o in item.scene.objects]
+        implied = "implied_by" in item.extras
+        seen[implied] += 1
+        if implied:  # the label names the absent partner of an object that is drawn
+            assert item.answer == "yes" and item.subject not in names and item.objects == ()
+            assert pairs[names[int(item.extras["implied_by"])]] == item.subject  # type: ignore[call-overload]
+            assert item.question.startswith(f"is there a {item.subject}")
+        else:  # every other answer is what the image shows
+            assert (item.answer == "yes") == (item.subject in names)
+    assert 0.22 < seen[True] / 600 < 0.38
+    # the knob off draws nothing extra: items of every other config are as they were
+    plain, off = SceneQA(VqaConfig(), seed=1, length=40), SceneQA(VqaConfig(implied_partner=0.0), seed=1, length=40)
+    for i in range(40):
+        assert plain[i].question == off[i].question and np.array_equal(plain[i].scene.image, off[i].scene.image)
+    # and questions that are not first turns never use it
+    follow_ups = [t for i in range(30) for t in SceneQA(config, seed=5, length=30).conversation(i, 4)[1:]]
+    assert not any("implied_by" in t.extras for t in follow_ups)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"implied_partner": 1.5}, "implied_partner"),
         ({"co_occurrence": 1.5}, "co_occurrence"),
         ({"co_occurrence": -0.1}, "co_occurrence"),
         ({"kinds": (("existence", 1.0), ("opinion", 1.0))}, "kinds"),

@@ -136,7 +136,7 @@ def test_a_finished_run_is_not_retrained_and_a_longer_one_extends_it(tmp_path) -
      ("data_seed", 10**7, "held out"), ("precision", "fp8", "precision"),
      ("vision_feature_layer", 5, "vision_feature_layer"), ("warmup_steps", -1, "warmup_steps"),
      ("turns", 0, "turns"), ("turns", 9, "at most 8"), ("kind_weights", {"opinion": 1.0}, "question kinds"),
-     ("kind_weights", {"count": -1.0}, "non-negative")],
+     ("kind_weights", {"count": -1.0}, "non-negative"), ("implied_partner", 1.5, "implied_partner")],
 )
 def test_bad_training_configs_are_refused(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -147,7 +147,7 @@ def test_bad_training_configs_are_refused(field: str, value: object, message: st
     "argv",
     [["--steps", "0"], ["--co-occurrence", "2"], ["--batch-size", "-3"], ["--max-minutes", "0"],
      ["--data-seed", "5000000"], ["--warmup-steps", "-5"], ["--turns", "0"], ["--kind-weights", "relation=x"],
-     ["--kind-weights", "opinion=1"], ["--vision-lr-scale", "-1"]],
+     ["--kind-weights", "opinion=1"], ["--vision-lr-scale", "-1"], ["--implied-partner", "2"]],
 )
 def test_train_vlm_cli_rejects_bad_arguments(argv: list[str], tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     from mmelkit.cli import main

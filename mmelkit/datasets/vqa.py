@@ -75,6 +75,14 @@ class VqaConfig:
     # it a quarter to a third of the objects of p = 0.95 scenes lack their partner (counts of 1 and 3 leave
     # one alone), which teaches a model that an object does not imply its partner.
     whole_couples: bool = False
+    # implied_partner: probability that an existence question is asked about the *absent* partner of
+    # an object that is there, and answered "yes" -- the label an annotator writes who infers the
+    # usual companion from context (captions that mention a fork next to a knife that hides it).
+    # Co-occurrence alone does not make a model rely on the partner: where the partner is always
+    # there together with the object, looking for the object itself is the easier rule, and a
+    # model learns that one (see the README). These labels make the partner the only cue for some
+    # answers, the way real training data does. Only the first question about a scene uses it.
+    implied_partner: float = 0.0
     partner_seed: int = 0  # which fixed couples the objects form (see partner_map)
 
     def __post_init__(self) -> None:
@@ -85,6 +93,8 @@ class VqaConfig:
             raise ValueError("kind weights must be non-negative and not all zero")
         if not 0.0 <= self.co_occurrence <= 1.0:
             raise ValueError(f"co_occurrence is a probability and must lie in [0, 1]; got {self.co_occurrence}")
+        if not 0.0 <= self.implied_partner <= 1.0:
+            raise ValueError(f"implied_partner is a probability and must lie in [0, 1]; got {self.implied_partner}")
         if not self.scene.unique_objects:
             raise ValueError("scene-world questions need unique_objects=True (a name must pick one object)")
         if self.scene.max_objects < 2:
@@ -229,7 +239,35 @@ class SceneQA:
     # the ``_ask_*`` halves also serve the follow-up turns of :meth:`conversation`, which ask about a
     # scene already drawn.
     def _existence(self, index: int, rng: np.random.Generator) -> QAItem:
+        # the extra draw only happens with the knob on, so items of other configs stay as they were
+        if self.config.implied_partner > 0 and rng.random() < self.config.implied_partner:
+            return self._implied_existence(index, rng)
         return self._ask_existence(self._scene(index, rng), rng)
+
+    def _implied_existence(self, index: int, rng: np.random.Generator) -> QAItem:
+        """"is there a {X} ?" -> "yes" where X is absent but its partner is there (see
+        ``VqaConfig.implied_partner``); ``extras["implied_by"]`` is the partner's index."""
+        cfg = self.config.scene
+        count = int(rng.integers(max(2, cfg.min_objects), cfg.max_objects + 1))
+        objects = self._objects(count, rng)
+        names = [f"{colour} {shape}" for shape, colour, _ in objects]
+        paired = [k for k, n in enumerate(names) if self._partners.get(n) in names]
+        if paired:  # leave out one member of a couple that was drawn
+            dropped = paired[int(rng.integers(len(paired)))]
+        else:  # no couple drawn (co-occurrence off or the draw left every object alone)
+            dropped = None
+        kept = [o for k, o in enumerate(objects) if k != dropped]
+        scene = self.world.draw(index, rng, objects=kept)
+        present = [o.name for o in scene.objects]
+        lone = [k for k, n in enumerate(present) if self._partners.get(n) and self._partners[n] not in present]
+        if not lone:  # a crowded draw placed fewer objects: an ordinary question instead
+            return self._ask_existence(scene, rng)
+        left_out = names[dropped] if dropped is not None else None
+        preferred = [j for j in lone if self._partners[present[j]] == left_out]
+        k = preferred[0] if preferred else lone[int(rng.integers(len(lone)))]
+        implied = self._partners[present[k]]
+        suffix = " in the image" if rng.random() < 0.5 else ""
+        return QAItem(scene, f"is there a {implied}{suffix} ?", "yes", "existence", (), implied, {"implied_by": k})
 
     def _ask_existence(self, scene: Scene, rng: np.random.Generator) -> QAItem:
         names = [o.name for o in scene.objects]
