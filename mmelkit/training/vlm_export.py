@@ -106,7 +106,10 @@ def model_card(meta: dict[str, Any], size_bytes: int) -> str:
         f"- {meta['parameters']:,} parameters, fp32 safetensors ({size_bytes / 1e6:.1f} MB), SHA-256 in `mmelkit.json`",
         "",
         "## Training",
-        f"- questions: existence, attribute, count (0-4), relation, caption; co-occurrence {config['co_occurrence']}",
+        f"- questions: existence, attribute, count (0-4), relation, caption; co-occurrence {config['co_occurrence']}"
+        + (" (scenes of whole couples)" if config.get("whole_couples") else "")
+        + (f"; implied partners {config['implied_partner']} (existence questions about the absent partner of an "
+           "object that is there, answered yes)" if config.get("implied_partner") else ""),
         *(["- question mix: " + ", ".join(f"{k} {w:g}" for k, w in config["kind_weights"].items())]
           if config.get("kind_weights") else []),
         *([f"- {config['turns']} questions per image, as one LLaVA-style conversation (SceneQA.conversation)"]
