@@ -525,20 +525,30 @@ def test_pope_probes_are_deterministic_and_check_their_arguments(pope_scenes: li
 
 
 def test_implied_partners_say_yes_to_an_absent_partner_of_an_object_that_is_there() -> None:
-    config = VqaConfig(co_occurrence=0.95, whole_couples=True, implied_partner=0.3)
+    config = VqaConfig(co_occurrence=0.95, implied_partner=0.6)
     pairs = partner_map(config)
-    seen = Counter()
+    seen: Counter = Counter()
     for item in SceneQA(config, seed=4, length=600, kind="existence"):
         names = [o.name for o in item.scene.objects]
         implied = "implied_by" in item.extras
-        seen[implied] += 1
+        partnered = any(pairs.get(n) == item.subject for n in names)
+        seen[(implied, item.answer, len(names) % 2)] += 1
         if implied:  # the label names the absent partner of an object that is drawn
             assert item.answer == "yes" and item.subject not in names and item.objects == ()
             assert pairs[names[int(item.extras["implied_by"])]] == item.subject  # type: ignore[call-overload]
             assert item.question.startswith(f"is there a {item.subject}")
         else:  # every other answer is what the image shows
             assert (item.answer == "yes") == (item.subject in names)
-    assert 0.22 < seen[True] / 600 < 0.38
+            seen["no to a visible object's partner"] += item.answer == "no" and partnered
+    # the partner of a visible object is almost always answered "yes": a consistent cue to learn
+    assert seen.pop("no to a visible object's partner") < 0.02 * 600
+    implied_share = sum(v for (imp, _, _), v in seen.items() if imp) / 600
+    assert 0.1 < implied_share < 0.3
+    # odd scenes (where lone objects are) are not much more often "yes" than even ones
+    def yes_share(parity: int) -> float:
+        said = {a: sum(v for (_, ans, p), v in seen.items() if ans == a and p == parity) for a in ("yes", "no")}
+        return said["yes"] / (said["yes"] + said["no"])
+    assert yes_share(1) - yes_share(0) < 0.2
     # the knob off draws nothing extra: items of every other config are as they were
     plain, off = SceneQA(VqaConfig(), seed=1, length=40), SceneQA(VqaConfig(implied_partner=0.0), seed=1, length=40)
     for i in range(40):

@@ -246,27 +246,27 @@ class SceneQA:
 
     def _implied_existence(self, index: int, rng: np.random.Generator) -> QAItem:
         """"is there a {X} ?" -> "yes" where X is absent but its partner is there (see
-        ``VqaConfig.implied_partner``); ``extras["implied_by"]`` is the partner's index."""
-        cfg = self.config.scene
-        count = int(rng.integers(max(2, cfg.min_objects), cfg.max_objects + 1))
-        objects = self._objects(count, rng)
-        names = [f"{colour} {shape}" for shape, colour, _ in objects]
-        paired = [k for k, n in enumerate(names) if self._partners.get(n) in names]
-        if paired:  # leave out one member of a couple that was drawn
-            dropped = paired[int(rng.integers(len(paired)))]
-        else:  # no couple drawn (co-occurrence off or the draw left every object alone)
-            dropped = None
-        kept = [o for k, o in enumerate(objects) if k != dropped]
-        scene = self.world.draw(index, rng, objects=kept)
-        present = [o.name for o in scene.objects]
-        lone = [k for k, n in enumerate(present) if self._partners.get(n) and self._partners[n] not in present]
-        if not lone:  # a crowded draw placed fewer objects: an ordinary question instead
+        ``VqaConfig.implied_partner``); ``extras["implied_by"]`` is the partner's index.
+
+        The scene is an ordinary draw, and half of these draws ask instead about an object unrelated
+        to the scene ("no"), so nothing but the question (the absent partner of an object that is
+        there) tells the "yes" items apart: an earlier version removed one object of a whole couple,
+        and a model learnt "an odd number of objects means yes" instead of the partner."""
+        scene = self._scene(index, rng)
+        names = [o.name for o in scene.objects]
+        lone = [k for k, n in enumerate(names) if self._partners.get(n) and self._partners[n] not in names]
+        if not lone:  # every object has its partner (or none has one): an ordinary question instead
             return self._ask_existence(scene, rng)
-        left_out = names[dropped] if dropped is not None else None
-        preferred = [j for j in lone if self._partners[present[j]] == left_out]
-        k = preferred[0] if preferred else lone[int(rng.integers(len(lone)))]
-        implied = self._partners[present[k]]
         suffix = " in the image" if rng.random() < 0.5 else ""
+        if rng.random() < 0.5:
+            # half "no" about an object unrelated to the scene, so that a scene with a lone object (an
+            # odd count, mostly) does not mean "yes" by itself: only the partner does
+            related = set(names) | {self._partners.get(n) for n in names}
+            unrelated = [n for n in self._names if n not in related]
+            name = unrelated[int(rng.integers(len(unrelated)))]
+            return QAItem(scene, f"is there a {name}{suffix} ?", "no", "existence", (), name)
+        k = lone[int(rng.integers(len(lone)))]
+        implied = self._partners[names[k]]
         return QAItem(scene, f"is there a {implied}{suffix} ?", "yes", "existence", (), implied, {"implied_by": k})
 
     def _ask_existence(self, scene: Scene, rng: np.random.Generator) -> QAItem:
