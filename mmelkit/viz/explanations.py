@@ -309,7 +309,7 @@ class ExplanationExplorer:
         labels = list(image_labels) if image_labels is not None else [f"scene {i}" for i in range(len(self.images))]
         if len(labels) != len(self.images):
             raise ValueError(f"got {len(labels)} image labels for {len(self.images)} images")
-        self.model, self.opacity = model, opacity
+        self.model = model
         self.method_params = {k: dict(v) for k, v in (method_params or {}).items()}
         self.scene = widgets.Dropdown(options=list(zip(labels, range(len(labels)))), value=0, description="scene")
         self.method = widgets.Dropdown(options=methods, description="method")
@@ -338,11 +338,12 @@ class ExplanationExplorer:
             params["layers"] = (depth - self.layers.value, depth) if self.is_vlm else self.layers.value
         return cls(self.model, **params).explain([self.image], [self.text.value])
 
-    def _title(self, explanation: Explanation) -> str:
+    def _title(self, explanation: Explanation) -> str | None:
+        """A VLM map's title names the question and the answer; a CLIP map keeps the overlay's own."""
+        if not self.is_vlm:
+            return None
         said = explanation.texts[0] if explanation.texts else ""
-        if self.is_vlm:
-            return f"{explanation.method}: {self.text.value} → {said!r}"
-        return f"{explanation.method}: {said!r}"
+        return f"{explanation.method}: {self.text.value} → {said!r}"
 
     def update(self) -> Explanation:
         explanation = self._explain()
