@@ -359,6 +359,9 @@ def _add_train_vlm(what: Subparsers) -> None:
     vlm.add_argument("--kind-weights", metavar="KIND=W,...",
                      help="relative frequency of question kinds, e.g. existence=1,attribute=2,count=2,"
                      "relation=2,caption=1 (default: the preset's)")
+    vlm.add_argument("--attribute-styles", metavar="STYLE=W,...",
+                     help="relative frequency of attribute questions by style: colour (of a shape), shape (of a "
+                     "colour), size, e.g. colour=0.7,shape=0.15,size=0.15 (default: equal)")
     vlm.add_argument("--vision-lr-scale", type=float,
                      help=f"vision tower learning rate relative to --lr (default: {defaults.vision_lr_scale})")
     vlm.add_argument("--seed", type=int, help=f"initialisation seed (default: {defaults.init_seed})")
@@ -371,7 +374,7 @@ def _add_train_vlm(what: Subparsers) -> None:
     vlm.set_defaults(handler=_train_vlm)
 
 
-def _kind_weights(text: str) -> dict[str, float]:
+def _named_weights(text: str, flag: str = "--kind-weights") -> dict[str, float]:
     """``existence=1,relation=2`` -> {"existence": 1.0, "relation": 2.0}."""
     weights: dict[str, float] = {}
     for part in text.split(","):
@@ -381,7 +384,7 @@ def _kind_weights(text: str) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep:
-            raise ValueError(f"--kind-weights expects KIND=WEIGHT pairs separated by commas; got {part!r}")
+            raise ValueError(f"{flag} expects NAME=WEIGHT pairs separated by commas; got {part!r}")
     return weights
 
 
@@ -397,7 +400,9 @@ def _train_vlm(args: argparse.Namespace) -> int:
     settings.update({key: value for key, value in given.items() if value is not None})
     try:
         if args.kind_weights is not None:
-            settings["kind_weights"] = _kind_weights(args.kind_weights)
+            settings["kind_weights"] = _named_weights(args.kind_weights)
+        if args.attribute_styles is not None:
+            settings["attribute_styles"] = _named_weights(args.attribute_styles, "--attribute-styles")
         config = VlmTrainConfig(**settings)
         if args.max_minutes is not None and args.max_minutes <= 0:
             raise ValueError(f"--max-minutes must be positive; got {args.max_minutes}")

@@ -558,9 +558,34 @@ def test_implied_partners_say_yes_to_an_absent_partner_of_an_object_that_is_ther
     assert not any("implied_by" in t.extras for t in follow_ups)
 
 
+def test_attribute_styles_weigh_the_styles_and_leave_default_items_alone() -> None:
+    def styles(config: VqaConfig) -> Counter:
+        return Counter(item.question.split()[1] for item in SceneQA(config, seed=2, length=400, kind="attribute"))
+
+    plain = styles(VqaConfig())
+    colour_heavy = styles(VqaConfig(attribute_styles=(0.8, 0.1, 0.1)))
+    assert colour_heavy["colour"] > 2 * plain["colour"] and colour_heavy["size"] < plain["size"]
+    only_shape = styles(VqaConfig(attribute_styles=(0.0, 1.0, 0.0)))
+    # a scene without a colour unique to the drawn object is redrawn; the 20th try asks its size
+    assert only_shape["shape"] >= 390 and only_shape["colour"] == 0
+    # the asked style's answer is right for the scene, whatever the weights
+    for item in SceneQA(VqaConfig(attribute_styles=(1.0, 0.0, 0.0)), seed=3, length=60, kind="attribute"):
+        (k,) = item.objects
+        if item.question.startswith("what colour"):
+            assert item.answer == item.scene.objects[k].colour and item.subject == item.scene.objects[k].shape
+    # equal weights of any size draw exactly the items the default draws
+    a, b = SceneQA(VqaConfig(), seed=1, length=30), SceneQA(VqaConfig(attribute_styles=(3.0, 3.0, 3.0)), seed=1, length=30)
+    for i in range(30):
+        assert (a[i].question, a[i].answer) == (b[i].question, b[i].answer)
+        assert np.array_equal(a[i].scene.image, b[i].scene.image)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"attribute_styles": (1.0, 1.0)}, "attribute_styles"),
+        ({"attribute_styles": (1.0, -1.0, 1.0)}, "attribute_styles"),
+        ({"attribute_styles": (0.0, 0.0, 0.0)}, "attribute_styles"),
         ({"implied_partner": 1.5}, "implied_partner"),
         ({"co_occurrence": 1.5}, "co_occurrence"),
         ({"co_occurrence": -0.1}, "co_occurrence"),

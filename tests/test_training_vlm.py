@@ -136,7 +136,8 @@ def test_a_finished_run_is_not_retrained_and_a_longer_one_extends_it(tmp_path) -
      ("data_seed", 10**7, "held out"), ("precision", "fp8", "precision"),
      ("vision_feature_layer", 5, "vision_feature_layer"), ("warmup_steps", -1, "warmup_steps"),
      ("turns", 0, "turns"), ("turns", 9, "at most 8"), ("kind_weights", {"opinion": 1.0}, "question kinds"),
-     ("kind_weights", {"count": -1.0}, "non-negative"), ("implied_partner", 1.5, "implied_partner")],
+     ("kind_weights", {"count": -1.0}, "non-negative"), ("implied_partner", 1.5, "implied_partner"),
+     ("attribute_styles", {"texture": 1.0}, "attribute_styles"), ("attribute_styles", {"colour": -1.0}, "attribute_styles")],
 )
 def test_bad_training_configs_are_refused(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -147,7 +148,8 @@ def test_bad_training_configs_are_refused(field: str, value: object, message: st
     "argv",
     [["--steps", "0"], ["--co-occurrence", "2"], ["--batch-size", "-3"], ["--max-minutes", "0"],
      ["--data-seed", "5000000"], ["--warmup-steps", "-5"], ["--turns", "0"], ["--kind-weights", "relation=x"],
-     ["--kind-weights", "opinion=1"], ["--vision-lr-scale", "-1"], ["--implied-partner", "2"]],
+     ["--kind-weights", "opinion=1"], ["--vision-lr-scale", "-1"], ["--implied-partner", "2"],
+     ["--attribute-styles", "colour"], ["--attribute-styles", "texture=1"]],
 )
 def test_train_vlm_cli_rejects_bad_arguments(argv: list[str], tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     from mmelkit.cli import main
@@ -213,3 +215,8 @@ def test_continued_training_starts_from_the_given_weights(tmp_path) -> None:
     second = train_vlm(tiny(steps=1, init_from=str(folder), co_occurrence=0.9), tmp_path / "second", device="cpu",
                        progress=False)
     assert torch.load(second, weights_only=False)["config"]["init_from"] == str(folder)
+
+
+def test_attribute_styles_by_name_reach_the_question_distribution() -> None:
+    assert tiny(attribute_styles={"colour": 0.7, "size": 0.3}).vqa().attribute_styles == (0.7, 0.0, 0.3)
+    assert tiny().vqa().attribute_styles == (1.0, 1.0, 1.0)  # unset: the equal default

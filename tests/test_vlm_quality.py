@@ -12,8 +12,8 @@ import pytest
 
 import mmelkit
 from mmelkit.datasets.vqa import QUESTION_KINDS, VqaConfig, held_out
-from mmelkit.models.vlm import VlmAdapter
 from mmelkit.metrics.hallucination import PopeScores
+from mmelkit.models.vlm import VlmAdapter
 from mmelkit.training.vlm_eval import COOC_DROP_TARGET, TARGETS, VlmQuality, evaluate_pope, evaluate_vlm
 
 

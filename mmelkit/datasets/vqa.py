@@ -50,6 +50,9 @@ POPE_SPLITS: tuple[PopeSplit, ...] = ("random", "popular", "adversarial")
 RELATIONS = ("left of", "right of", "above", "below")
 PLURALS = {shape: ("crosses" if shape == "cross" else f"{shape}s") for shape in SHAPES}
 MAX_COUNT = 4  # counting questions ask for 0..4 objects of a shape
+# attribute question styles: "what colour is the square ?", "what shape is the red object ?",
+# "what size is the red square ?" (VqaConfig.attribute_styles weighs them)
+ATTRIBUTE_STYLES = ("colour", "shape", "size")
 
 # Seeds: training scenes come from VqaConfig seeds below this; every evaluation uses seeds at or
 # above it, so no held-out scene was ever seen in training.
@@ -84,6 +87,10 @@ class VqaConfig:
     # answers, the way real training data does. Only the first question about a scene uses it.
     implied_partner: float = 0.0
     partner_seed: int = 0  # which fixed couples the objects form (see partner_map)
+    # relative frequency of the attribute question styles, in ATTRIBUTE_STYLES order: the colour of
+    # an object named by its shape, the shape of one named by its colour, the size of a named one.
+    # Equal weights draw exactly as before the knob existed, so default items never change.
+    attribute_styles: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self) -> None:
         unknown = [k for k, _ in self.kinds if k not in QUESTION_KINDS]
@@ -95,6 +102,12 @@ class VqaConfig:
             raise ValueError(f"co_occurrence is a probability and must lie in [0, 1]; got {self.co_occurrence}")
         if not 0.0 <= self.implied_partner <= 1.0:
             raise ValueError(f"implied_partner is a probability and must lie in [0, 1]; got {self.implied_partner}")
+        styles = tuple(self.attribute_styles)
+        if len(styles) != len(ATTRIBUTE_STYLES) or any(w < 0 for w in styles) or sum(styles) <= 0:
+            raise ValueError(
+                f"attribute_styles must hold {len(ATTRIBUTE_STYLES)} non-negative weights, not all zero, for "
+                f"{ATTRIBUTE_STYLES}; got {self.attribute_styles!r}"
+            )
         if not self.scene.unique_objects:
             raise ValueError("scene-world questions need unique_objects=True (a name must pick one object)")
         if self.scene.max_objects < 2:
@@ -297,7 +310,12 @@ class SceneQA:
         objs = scene.objects
         shapes = [o.shape for o in objs]
         colours = [o.colour for o in objs]
-        style = int(rng.integers(3))
+        weights = self.config.attribute_styles
+        if len(set(weights)) == 1:
+            style = int(rng.integers(3))  # the draw items had before the knob: keep default items as they were
+        else:
+            cumulative = np.cumsum(np.asarray(weights, np.float64) / sum(weights))
+            style = min(int(np.searchsorted(cumulative, rng.random(), side="right")), 2)
         k = int(rng.integers(len(objs)))
         o = objs[k]
         if style == 0 and shapes.count(o.shape) == 1:

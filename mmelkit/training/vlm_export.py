@@ -112,6 +112,8 @@ def model_card(meta: dict[str, Any], size_bytes: int) -> str:
            "object that is there, answered yes)" if config.get("implied_partner") else ""),
         *(["- question mix: " + ", ".join(f"{k} {w:g}" for k, w in config["kind_weights"].items())]
           if config.get("kind_weights") else []),
+        *(["- attribute questions by style: " + ", ".join(f"{k} {w:g}" for k, w in config["attribute_styles"].items())]
+          if config.get("attribute_styles") else []),
         *([f"- {config['turns']} questions per image, as one LLaVA-style conversation (SceneQA.conversation)"]
           if config.get("turns", 1) > 1 else []),
         f"- AdamW, lr {config['lr']} (vision tower x {config['vision_lr_scale']}), warm-up {config['warmup_steps']}, "

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmelkit.datasets.scenes import SceneConfig
-from mmelkit.datasets.vqa import HELD_OUT_SEED, SceneQA, VqaConfig
+from mmelkit.datasets.vqa import ATTRIBUTE_STYLES, HELD_OUT_SEED, SceneQA, VqaConfig
 from mmelkit.models.images import OPENAI_MEAN, OPENAI_STD
 from mmelkit.models.loading import resolve_device
 from mmelkit.models.vlm import scene_llava
@@ -67,6 +67,9 @@ class VlmTrainConfig:
     # relative frequency of each question kind (VqaConfig.kinds), e.g. {"relation": 0.4, ...};
     # empty: VqaConfig's defaults
     kind_weights: dict[str, float] = field(default_factory=dict)
+    # relative frequency of the attribute question styles (VqaConfig.attribute_styles) by name, e.g.
+    # {"colour": 0.7, "shape": 0.15, "size": 0.15}; a style left out gets weight 0; empty: equal
+    attribute_styles: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("steps", "steps_per_epoch", "batch_size", "log_every", "turns"):
@@ -103,8 +106,14 @@ class VlmTrainConfig:
             max_objects=self.max_objects
         )
         kinds = tuple(self.kind_weights.items()) if self.kind_weights else VqaConfig().kinds
+        unknown = sorted(set(self.attribute_styles) - set(ATTRIBUTE_STYLES))
+        if unknown:
+            raise ValueError(f"attribute_styles names styles from {ATTRIBUTE_STYLES}; got {unknown}")
+        styles = (tuple(float(self.attribute_styles.get(name, 0.0)) for name in ATTRIBUTE_STYLES)
+                  if self.attribute_styles else VqaConfig().attribute_styles)
         return VqaConfig(scene=scene, co_occurrence=self.co_occurrence, kinds=kinds,  # type: ignore[arg-type]
-                         whole_couples=self.whole_couples, implied_partner=self.implied_partner)
+                         whole_couples=self.whole_couples, implied_partner=self.implied_partner,
+                         attribute_styles=styles)  # type: ignore[arg-type]
 
 
 # The shipped models' recipes (see their model cards for how the runs actually went).

@@ -311,7 +311,7 @@ class ExplanationExplorer:
             raise ValueError(f"got {len(labels)} image labels for {len(self.images)} images")
         self.model = model
         self.method_params = {k: dict(v) for k, v in (method_params or {}).items()}
-        self.scene = widgets.Dropdown(options=list(zip(labels, range(len(labels)))), value=0, description="scene")
+        self.scene = widgets.Dropdown(options=[(label, k) for k, label in enumerate(labels)], value=0, description="scene")
         self.method = widgets.Dropdown(options=methods, description="method")
         self.text = widgets.Dropdown(options=list(texts), description="question" if self.is_vlm else "text")
         depth = model.num_decoder_layers if self.is_vlm else model.num_image_blocks
