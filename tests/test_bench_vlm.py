@@ -53,19 +53,23 @@ def test_the_bench_scores_every_method_and_leaves_the_model_alone(vlm: VlmAdapte
     config = VlmBenchConfig(methods=["answer_attention", "answer_occlusion"], samples=2, deletion_steps=2, batch_size=3)
     result = run_vlm_bench(vlm, config, progress=False)
     assert list(result.table.index) == ["answer_attention", "answer_occlusion"]
-    for score in ("pointing", "iou"):
+    for score in ("pointing", "pointing_strict", "iou"):
         assert result.table[score].between(0, 1).all()
+    # the protocol's tolerance (15 px at 224, 48 px input: 3 px) only adds hits to the strict game
+    assert result.tolerance == 3
+    assert (result.per_item["pointing"] >= result.per_item["pointing_strict"]).all()
     assert (result.table["deletion_auc"] > 0).all() and result.table["sanity_rho"].between(-1, 1).all()
     assert len(result.per_item) == 2 * 4 and set(result.per_item["kind"]) == {"existence", "attribute"}
     assert result.curves["answer_attention"].shape == (3,)
-    assert "| answer_occlusion |" in result.to_markdown()
+    assert "| answer_occlusion |" in result.to_markdown() and "within 3 px" in result.to_markdown()
     for key, value in vlm.model.state_dict().items():
         assert torch.equal(value, before[key]), f"the bench changed {key}"
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"methods": ["grad_eclip"]}, "VLM answer-map methods"), ({"kinds": ("count",)}, "kinds"),
-    ({"samples": 0}, "samples"), ({"seed": 5}, "validation"),
+    ({"samples": 0}, "samples"), ({"seed": 5}, "validation"), ({"tolerance": -1}, "tolerance"),
+    ({"tolerance": 2.5}, "tolerance"),
 ])
 def test_bad_bench_configs(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -87,3 +91,36 @@ def test_bench_cli_for_a_vlm(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["bench", "--vlm", str(folder), "--preset", "clutter", "--quiet"]) == 2
     assert main(["bench", "--vlm", str(folder), "--methods", "rise", "--quiet"]) == 2
     assert "VLM answer-map methods" in capsys.readouterr().err
+
+
+def test_the_pointing_tolerance_counts_a_maximum_next_to_the_object(vlm: VlmAdapter, monkeypatch) -> None:
+    """A map peaking on a visual token beside the object: a miss on the mask, a hit once the mask is
+    grown by the distance from the peak to the object."""
+    import mmelkit.bench.vlm as bench
+    from mmelkit.metrics.localisation import pointing_game
+
+    config = VlmBenchConfig(methods=["answer_attention"], samples=1, kinds=("existence",), sanity=False)
+    (item,) = bench_items(config)
+    mask = torch.from_numpy(item.mask())  # at the model's input size, as the bench resizes it
+    mask = torch.nn.functional.interpolate(mask[None, None].float(), size=vlm.image_size, mode="nearest")[0, 0] > 0.5
+    rows, cols = vlm.grid
+    ys, xs = mask.nonzero(as_tuple=True)
+    y = int(ys.float().mean()) * rows // mask.shape[0]
+    for x in range(cols):  # the first token of the object's row whose upsampled peak is off the mask
+        peak = torch.zeros(1, rows, cols)
+        peak[0, y, x] = 1.0
+        up = torch.nn.functional.interpolate(peak[:, None], size=vlm.image_size, mode="bilinear", align_corners=False)[:, 0]
+        if pointing_game(up, mask[None]) == 0:
+            break
+    top = (up[0] == up[0].max()).nonzero().float()
+    distance = torch.cdist(top, torch.stack([ys, xs], 1).float()).min(dim=1).values.max()  # every tied maximum
+    assert pointing_game(up, mask[None]) == 0
+
+    class Peak:
+        maps = peak
+
+    monkeypatch.setattr(bench, "explain", lambda *a, **k: Peak)
+    for tolerance, hit in ((0, 0.0), (int(distance) + 1, 1.0)):
+        table = run_vlm_bench(vlm, VlmBenchConfig(**{**config.__dict__, "tolerance": tolerance}), progress=False).table
+        assert table.loc["answer_attention", "pointing"] == hit
+        assert table.loc["answer_attention", "pointing_strict"] == 0.0

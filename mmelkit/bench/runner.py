@@ -38,7 +38,13 @@ from mmelkit.bench.data import BenchData, check_dataset, load_bench_data
 from mmelkit.bench.distributed import gather, shard, world
 from mmelkit.methods.base import get_method, positive_int
 from mmelkit.metrics.faithfulness import confidence_change
-from mmelkit.metrics.localisation import energy_pointing_game, mask_auroc, mask_iou, pointing_game
+from mmelkit.metrics.localisation import (
+    energy_pointing_game,
+    mask_auroc,
+    mask_iou,
+    pointing_game,
+    protocol_tolerance,
+)
 from mmelkit.metrics.perturbation import (
     SUBSTRATES,
     Substrate,
@@ -245,7 +251,7 @@ def run_cell(model: ClipAdapter, data: BenchData, method_name: str, config: Benc
     metrics = config.metrics
     wanted = set(metrics)
     method = get_method(method_name)(model, **config.method_params.get(method_name, {}))
-    tolerance = config.tolerance if config.tolerance is not None else round(15 * model.image_size[0] / 224)
+    tolerance = config.tolerance if config.tolerance is not None else protocol_tolerance(model.image_size[0])
     # every text embedded once per cell; the candidate set matters only for a softmax / recall score
     targets = text_targets(model, data.texts, data.candidates if config.score != "cosine" else None)
     fractions = even_fractions(config.steps)

@@ -69,6 +69,13 @@ def _tolerance(tolerance: int) -> int:
     return value
 
 
+def protocol_tolerance(image_size: int) -> int:
+    """The pointing game's usual tolerance, 15 px at a 224 px input (Zhang et al., 2016; SPEC §4),
+    scaled to an input of ``image_size`` pixels (4 px at 64): a patch-level map whose maximal patch
+    covers a small object is not failed for peaking at the patch's centre, off the object's edge."""
+    return round(15 * int(image_size) / 224)
+
+
 def pointing_game(
     maps: torch.Tensor, masks: torch.Tensor, tolerance: int = 0, ties: Ties = "expected"
 ) -> torch.Tensor:

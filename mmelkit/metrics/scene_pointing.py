@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mmelkit.datasets.scenes import SceneConfig, SceneWorld
 from mmelkit.methods import get_method
-from mmelkit.metrics.localisation import grow_masks, pointing_game
+from mmelkit.metrics.localisation import grow_masks, pointing_game, protocol_tolerance
 from mmelkit.models.adapter import ClipAdapter
 
 POINTING_SEED = 3_000_017
@@ -57,7 +57,7 @@ def scene_pointing_game(
     224 px scaled to the model's input (4 px at 64 px), so that a patch-level map whose maximum
     patch covers a small object is not failed for landing at the patch's centre."""
     if tolerance is None:
-        tolerance = round(15 * model.image_size[0] / 224)
+        tolerance = protocol_tolerance(model.image_size[0])
     low, high = objects
     config = SceneConfig(min_objects=low, max_objects=high).scaled(model.image_size[0])
     world = SceneWorld(config, seed=seed)
