@@ -100,6 +100,20 @@ def _add_course(commands: Subparsers) -> None:
     _add_notebooks_option(listing)
     listing.set_defaults(handler=_course_list)
 
+    build = actions.add_parser(
+        "build",
+        help="write the student and instructor versions of the notebooks",
+        description="Build the course from its source notebooks: the student version (solutions "
+        "replaced by NotImplementedError stubs, hints kept) and the instructor version (solutions in, "
+        "under a collapsed 'Solution' heading), into OUT/student/ and OUT/instructor/. Without "
+        "--student or --instructor, both.",
+    )
+    build.add_argument("--student", action="store_true", help="build the student version")
+    build.add_argument("--instructor", action="store_true", help="build the instructor version")
+    build.add_argument("--out", default="build/course", metavar="DIR", help="output folder (default: build/course)")
+    _add_notebooks_option(build)
+    build.set_defaults(handler=_course_build)
+
 
 def _add_notebooks_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -139,6 +153,23 @@ def _course_run(args: argparse.Namespace) -> int:
         print(f"  {result.name:<30} {result.seconds:6.1f} s  {result.path}")
         if result.html is not None:
             print(f"  {'':<30} {'':>8}  {result.html}")
+    return EXIT_OK
+
+
+def _course_build(args: argparse.Namespace) -> int:
+    from mmelkit.course import course_notebooks
+    from mmelkit.course_build import VERSIONS, CourseBuildError, build_course, find_exercises
+
+    versions = [v for v in VERSIONS if getattr(args, v)] or list(VERSIONS)
+    try:
+        written = build_course(versions, out_dir=args.out, notebooks_path=args.notebooks)
+    except CourseBuildError as error:
+        print(f"mmelkit course build: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    for path in course_notebooks(args.notebooks):
+        print(f"  {path.name:<30} {len(find_exercises(path))} exercise(s)")
+    for version, paths in written.items():
+        print(f"{version}: {len(paths)} notebook(s) in {Path(args.out) / version}")
     return EXIT_OK
 
 
