@@ -483,6 +483,7 @@ def run_course(
     *,
     timeout: float | None = DEFAULT_CELL_TIMEOUT,
     notebooks_path: str | Path | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> list[NotebookResult]:
     """Execute the course notebooks under a parameter profile; return one result per notebook.
 
@@ -492,6 +493,7 @@ def run_course(
     to run them with; default: ipykernel on the interpreter running this function, whatever
     kernelspecs are installed. ``progress``: one line per notebook on stderr. ``timeout``: seconds
     one cell may run (``None``: no limit). ``notebooks_path``: another notebooks folder.
+    ``overrides``: notebook stem -> parameter values that replace the profile's (checked like them).
 
     Each notebook runs with the notebooks folder as its working directory. Executed notebooks are
     written to ``out_dir/notebooks/``, HTML to ``out_dir/html/``. Configuration problems raise
@@ -505,6 +507,15 @@ def run_course(
 
     resolved, plan = plan_course(profile, notebooks, notebooks_path)
     folder = notebooks_dir(notebooks_path)
+    for stem, values in (overrides or {}).items():
+        chosen = {p.stem: p for p, _ in plan}
+        if stem not in chosen:
+            raise CourseConfigError(f"overrides name {stem!r}, which is not among the notebooks to run: {', '.join(chosen)}")
+        unknown = [name for name in values if name not in notebook_parameters(chosen[stem])]
+        if unknown:
+            raise CourseConfigError(f"overrides set {', '.join(map(repr, unknown))} for {stem}.ipynb, whose parameters "
+                                    "cell does not define them")
+    plan = [(path, {**parameters, **(overrides or {}).get(path.stem, {})}) for path, parameters in plan]
     current_python = kernel_name is None
     if not current_python:
         _check_kernel(kernel_name)

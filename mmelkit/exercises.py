@@ -51,11 +51,15 @@ def check_close(got: Any, expected: Any, what: str, *, rtol: float = 1e-4, atol:
     wrong = ~torch.isclose(mine, reference, rtol=rtol, atol=atol, equal_nan=True)
     if wrong.any():
         first = wrong.nonzero()[0].tolist()
-        gap = (mine - reference).abs().nan_to_num(0.0)
+        gap = (mine - reference).abs()[wrong]
+        finite = gap[torch.isfinite(gap)]
+        infinite = int((~torch.isfinite(gap)).sum())
+        size = (f"largest difference {float(finite.max()):.3g}" if finite.numel() else "") + (
+            f"{'; ' if finite.numel() else ''}{infinite} where one side is infinite" if infinite else "")
         raise ExerciseCheckError(
-            f"{what}: {int(wrong.sum())} of {wrong.numel()} entries differ from the reference "
-            f"(largest difference {float(gap.max()):.3g}); first at index {first}: yours "
-            f"{float(mine[tuple(first)]):.6g}, reference {float(reference[tuple(first)]):.6g}"
+            f"{what}: {int(wrong.sum())} of {wrong.numel()} entries differ from the reference ({size}); "
+            f"first at index {first}: yours {float(mine[tuple(first)]):.6g}, reference "
+            f"{float(reference[tuple(first)]):.6g}"
         )
     print(f"correct: {what} matches the library ({mine.numel()} values)")
 
