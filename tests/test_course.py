@@ -95,19 +95,55 @@ def test_profile_parameters_exist(profile: str):
     assert resolved == profile and [p for p, _ in plan] == NOTEBOOKS
 
 
+# Chapter 04 caches its training runs in out_dir (relative to the notebook's folder): both builds
+# share the source notebooks' cache, so the second run of the suite loads what the first trained.
+SHARED = {"04_training_level": {"out_dir": str(course.DEFAULT_NOTEBOOKS_DIR / "build" / "train" / "megl-notebook")}}
+
+
+@pytest.fixture(scope="session")
+def built_course(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The student and instructor versions of the course, built once for the session."""
+    from mmelkit.course_build import build_course
+
+    out = tmp_path_factory.mktemp("course")
+    build_course(out_dir=out)
+    return out
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_every_chapter_has_graded_exercises_with_checks(path: Path):
+    from mmelkit.course_build import find_exercises
+
+    exercises = find_exercises(path)  # also checks the markup: every exercise has its check cell
+    assert len(exercises) >= 3, f"{path.name} has {len(exercises)} exercise(s); the course asks for 3 or more"
+    notebook = nbformat.read(path, as_version=4)
+    for exercise in exercises:
+        cell = notebook.cells[exercise.cell_index]
+        assert '"""' in cell.source, f"{path.name}: exercise {exercise.name} has no docstring stating the task"
+        before = notebook.cells[exercise.cell_index - 1]
+        assert before.cell_type == "markdown" and "Exercise" in before.source, (
+            f"{path.name}: exercise {exercise.name} is not introduced by an 'Exercise' markdown cell")
+
+
 @pytest.mark.notebooks
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_runs_under_cpu_profile(path: Path, tmp_path: Path):
+def test_notebook_runs_under_cpu_profile(path: Path, tmp_path: Path, built_course: Path):
+    """The instructor version (solutions in) runs top to bottom: every check passes."""
     html = path == NOTEBOOKS[0]  # the HTML export is checked once; it adds seconds per notebook
-    (result,) = run_course("cpu", out_dir=tmp_path, notebooks=[path.stem], html=html, progress=False)
+    (result,) = run_course("cpu", out_dir=tmp_path, notebooks=[path.stem], html=html, progress=False,
+                           notebooks_path=built_course / "instructor", overrides={k: v for k, v in SHARED.items()
+                                                                                  if k == path.stem})
     assert result.name == path.name and result.profile == "cpu"
     assert result.path == tmp_path / "notebooks" / path.name and result.path.is_file()
-    assert result.parameters == PROFILES["cpu"].get(path.stem, {})
+    assert result.parameters == {**PROFILES["cpu"].get(path.stem, {}), **SHARED.get(path.stem, {})}
     executed = nbformat.read(result.path, as_version=4)
     code = [c for c in executed.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code), "some code cells did not run"
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors
+    checks = [c for c in code if "check" in c.metadata.get("tags", [])]
+    printed = ["".join(o.get("text", "") for o in c.outputs) for c in checks]
+    assert checks and all("correct:" in text for text in printed), "an exercise check printed no 'correct:'"
     # papermill injected the profile's values after the parameters cell
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == (1 if result.parameters else 0)
@@ -118,6 +154,19 @@ def test_notebook_runs_under_cpu_profile(path: Path, tmp_path: Path):
             assert "Plotly.newPlot" in text  # figures survive the export
     else:
         assert result.html is None
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_student_version_fails_only_by_its_stubs(path: Path, tmp_path: Path, built_course: Path):
+    """The student version runs top to bottom; each check fails with its stub's NotImplementedError
+    and nothing else fails."""
+    from mmelkit.course_build import find_exercises, run_student
+
+    parameters = {**PROFILES["cpu"].get(path.stem, {}), **SHARED.get(path.stem, {})}
+    run = run_student(built_course / "student" / path.name, tmp_path / path.name, parameters=parameters)
+    assert run.ok, "\n".join(run.problems)
+    assert len(run.stubbed) == len(find_exercises(path))
 
 
 # -- the runner, on notebooks the tests write ----------------------------------------------------
@@ -261,3 +310,13 @@ def test_kernel_is_this_python_in_the_notebooks_folder(tmp_path: Path):
     executable, cwd = output.text.splitlines()
     assert Path(executable).resolve() == Path(sys.executable).resolve()
     assert Path(cwd).resolve() == folder.resolve()
+
+
+def test_overrides_replace_profile_values(failing_course: Path, tmp_path: Path):
+    with pytest.raises(CourseConfigError, match="does not define them"):
+        run_course("cpu", out_dir=tmp_path, progress=False, notebooks_path=failing_course, overrides={"01_fail": {"z": 1}})
+    with pytest.raises(CourseConfigError, match="not among the notebooks"):
+        run_course("cpu", out_dir=tmp_path, progress=False, notebooks_path=failing_course, overrides={"02_x": {"x": 1}})
+    with pytest.raises(CourseError, match="boom 6"):  # x = 5 replaced the profile's 2
+        run_course("cpu", out_dir=tmp_path, html=False, progress=False, notebooks_path=failing_course,
+                   overrides={"01_fail": {"x": 5}})
