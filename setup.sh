@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: set up the environment (idempotent), then run a job.
 #
-#   bash setup.sh course [args...]   set up, then execute the course notebooks into build/
+#   bash setup.sh course [args...]   set up, build the student/instructor versions, then execute the
+#                                    course notebooks into build/
 #   bash setup.sh test [pytest args] set up, then run the test suite
 #   bash setup.sh env                set up only; prints the interpreter to use
 #
@@ -75,6 +76,8 @@ case "$job" in
         echo "$env_python"
         ;;
     course)
+        # the student and instructor versions first (build/course/), then the chapters themselves
+        "$env_python" -m mmelkit course build --out build/course
         exec "$env_python" -m mmelkit course run --out build "$@"
         ;;
     test)
