@@ -71,6 +71,88 @@ else
     touch "$stamp"
 fi
 
+# The browser test (tests/test_browser.py) drives JupyterLab in headless Chromium via Playwright.
+# Before the tests, make a Chromium available where that is possible: a system chromium, Playwright's
+# own build, `apt-get install chromium` (as root or with passwordless sudo), or Playwright's
+# installer. Nothing here may fail the job: without a browser the test skips and says what is
+# missing. A failed attempt is remembered in $browser_note (delete it to try again);
+# MMELKIT_NO_BROWSER_SETUP=1 skips all of this.
+browser_note="build/.setup/no-browser"
+browser_log="build/.setup/browser-install.log"
+
+have_chromium() {
+    local name
+    if [ -n "${MMELKIT_TEST_CHROMIUM:-}" ] && [ -x "$MMELKIT_TEST_CHROMIUM" ]; then
+        return 0
+    fi
+    for name in chromium chromium-browser google-chrome google-chrome-stable /usr/lib/chromium/chromium; do
+        command -v "$name" >/dev/null 2>&1 && return 0
+    done
+    # Playwright's own build, if its installer ran before
+    "$env_python" - <<'PY' 2>/dev/null
+import os, sys
+from playwright.sync_api import sync_playwright
+with sync_playwright() as p:
+    sys.exit(0 if os.path.exists(p.chromium.executable_path) else 1)
+PY
+}
+
+# apt-get install chromium, quietly, within 3 minutes (about 25 s measured); arguments: the sudo prefix
+apt_chromium() {
+    timeout 180 "$@" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        chromium >>"$browser_log" 2>&1
+}
+
+ensure_test_browser() {
+    local root="" why
+    [ "${MMELKIT_NO_BROWSER_SETUP:-0}" = 1 ] && return 0
+    if ! "$env_python" -c 'import playwright' 2>/dev/null; then
+        log "browser test will be skipped: the Python package playwright is not installed in $env_python"
+        return 0
+    fi
+    have_chromium && return 0
+    if [ -f "$browser_note" ]; then
+        log "browser test will be skipped: $(cat "$browser_note") (remove $browser_note to try again)"
+        return 0
+    fi
+    : >"$browser_log"
+    if [ "$(id -u)" = 0 ]; then
+        root="yes"
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        root="sudo -n"
+    fi
+    if [ -n "$root" ] && command -v apt-get >/dev/null 2>&1; then
+        local sudo=""
+        [ "$root" = yes ] || sudo="$root"
+        log "installing chromium with apt-get for the browser test (log: $browser_log)"
+        local started=$SECONDS status=0
+        # Fresh containers have no package lists (and old lists name removed versions): update and
+        # retry once, unless the first try ran out of time.
+        apt_chromium $sudo || status=$?
+        if [ "$status" != 0 ] && [ "$status" != 124 ]; then
+            status=0
+            timeout 60 $sudo apt-get update -q >>"$browser_log" 2>&1 || true
+            apt_chromium $sudo || status=$?
+        fi
+        if [ "$status" = 0 ] && have_chromium; then
+            log "chromium installed in $((SECONDS - started)) s"
+            return 0
+        fi
+        why="apt-get install chromium failed (status $status, see $browser_log)"
+    elif [ -n "$root" ]; then
+        why="no apt-get on this machine"
+    else
+        why="not root and no passwordless sudo for apt-get"
+    fi
+    log "trying Playwright's installer instead ($why)"
+    if timeout 120 "$env_python" -m playwright install chromium >>"$browser_log" 2>&1 && have_chromium; then
+        return 0
+    fi
+    why="$why; python -m playwright install chromium failed (see $browser_log)"
+    printf 'no Chromium: %s\n' "$why" >"$browser_note"
+    log "browser test will be skipped: no Chromium: $why"
+}
+
 case "$job" in
     env)
         echo "$env_python"
@@ -81,6 +163,7 @@ case "$job" in
         exec "$env_python" -m mmelkit course run --out build "$@"
         ;;
     test)
+        ensure_test_browser || log "browser set-up did not finish: the browser test may be skipped"
         exec "$env_python" -m pytest "$@"
         ;;
     *)
