@@ -13,7 +13,7 @@ extension (ipywidgets, anywidget, plotly) would pass them. This test does what a
 3. opens the notebook in headless Chromium via Playwright's sync API, runs all cells (the
    ``notebook:run-all-cells`` command, what Run > Run All Cells does), waits until every code
    cell has an execution count and the kernel is idle, and fails on any error output;
-4. finds the explorer (``mmelkit.viz.ExplanationExplorer``: ipywidgets controls above a plotly
+4. finds the explorer (``mmelkit.viz.explorer.SceneExplorer``: ipywidgets controls above plotly
    ``FigureWidget``) in the DOM, records the plotted data (the traces' ``z`` and the title of the
    plotly graph div), picks another method in its "method" dropdown and checks that the plot's
    data and title change;
@@ -374,7 +374,7 @@ NOTEBOOK_STATE_JS = """
     }
     const source = cell.model.sharedModel.getSource();
     cells.push({index, count: cell.model.executionCount, errors,
-                explorer: source.includes('ExplanationExplorer(')});
+                explorer: source.includes('SceneExplorer(')});
   });
   return {kernel: session && session.kernel ? session.kernel.status : null, cells};
 }
@@ -461,9 +461,9 @@ def test_chapter_02_explorer_runs_and_redraws_in_jupyterlab(lab: Lab, browser: A
         state = _wait_for_run_all(page, RUN_ALL_TIMEOUT)
         print(f"[run] {len(state['cells'])} code cells ran in {time.monotonic() - started:.0f} s")
 
-        # the explorer: the cell that builds an ExplanationExplorer, its widget box and plotly div
+        # the explorer: the cell that builds a SceneExplorer, its widget box and plotly div
         explorers = [c["index"] for c in state["cells"] if c["explorer"]]
-        assert explorers, "no cell of the chapter builds an ExplanationExplorer"
+        assert explorers, "no cell of the chapter builds a SceneExplorer"
         index = explorers[-1]
         page.evaluate(
             "(i) => window.jupyterapp.shell.currentWidget.content.widgets[i].node"

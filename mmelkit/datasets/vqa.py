@@ -213,6 +213,17 @@ class SceneQA:
         make = getattr(self, f"_{kind}")
         return make(index, rng)
 
+    def scene(self, index: int, count: int | None = None) -> Scene:
+        """Scene ``index`` of this distribution on its own (co-occurrence included), with ``count``
+        objects (default: drawn): the scenes the explorer shows. Deterministic in ``(config, seed,
+        index, count)``; not the scene of question ``index``."""
+        cfg = self.config.scene
+        if count is not None and not cfg.min_objects <= count <= cfg.max_objects:
+            raise ValueError(f"count must lie in [{cfg.min_objects}, {cfg.max_objects}]; got {count}")
+        rng = self.world.stream(int(index))
+        rng.random()  # the place a question's kind is drawn from, kept apart
+        return self._scene(int(index), rng, count)
+
     # -- scenes --------------------------------------------------------------------------------------
     def _size(self, rng: np.random.Generator) -> tuple[str, int]:
         cfg = self.config.scene

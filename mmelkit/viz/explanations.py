@@ -259,7 +259,10 @@ def text_scores_figure(
 
 
 class ExplanationExplorer:
-    """An ipywidgets control over one image or a few: a scene dropdown (when several images are
+    """An explorer for your own images (the course chapters embed the scene-world explorer,
+    :class:`mmelkit.viz.explorer.SceneExplorer`, which also draws scenes and scores the maps).
+
+    An ipywidgets control over one image or a few: a scene dropdown (when several images are
     given), a method dropdown, a text dropdown and a ``layers`` slider (enabled for methods that have
     that parameter) driving a plotly overlay (a ``FigureWidget``, updated in place).
 
