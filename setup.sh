@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: set up the environment (idempotent), then run a job.
 #
-#   bash setup.sh course [args...]   set up, build the student/instructor versions, then execute the
-#                                    course notebooks into build/
+#   bash setup.sh course [args...]   set up, build the student/instructor versions, execute the
+#                                    course notebooks into build/, write the site to build/site/
 #   bash setup.sh test [pytest args] set up, then run the test suite
 #   bash setup.sh env                set up only; prints the interpreter to use
 #
@@ -158,9 +158,11 @@ case "$job" in
         echo "$env_python"
         ;;
     course)
-        # the student and instructor versions first (build/course/), then the chapters themselves
+        # the student and instructor versions (build/course/), the chapters themselves (build/notebooks,
+        # build/html), then the offline site (build/site: the course map and the chapters' pages)
         "$env_python" -m mmelkit course build --out build/course
-        exec "$env_python" -m mmelkit course run --out build "$@"
+        "$env_python" -m mmelkit course run --out build "$@"
+        exec "$env_python" -m mmelkit course site --html build/html --out build/site
         ;;
     test)
         ensure_test_browser || log "browser set-up did not finish: the browser test may be skipped"

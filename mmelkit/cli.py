@@ -114,6 +114,17 @@ def _add_course(commands: Subparsers) -> None:
     _add_notebooks_option(build)
     build.set_defaults(handler=_course_build)
 
+    site = actions.add_parser(
+        "site",
+        help="write the static course site (the course map and the executed chapters' pages)",
+        description="Write an offline HTML site: OUT/index.html is the course map (notebooks/README.md), "
+        "linking the chapters' pages copied from HTML (written by `mmelkit course run`).",
+    )
+    site.add_argument("--html", default="build/html", metavar="DIR", help="chapter pages (default: build/html)")
+    site.add_argument("--out", default="build/site", metavar="DIR", help="output folder (default: build/site)")
+    _add_notebooks_option(site)
+    site.set_defaults(handler=_course_site)
+
 
 def _add_notebooks_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -170,6 +181,18 @@ def _course_build(args: argparse.Namespace) -> int:
         print(f"  {path.name:<30} {len(find_exercises(path))} exercise(s)")
     for version, paths in written.items():
         print(f"{version}: {len(paths)} notebook(s) in {Path(args.out) / version}")
+    return EXIT_OK
+
+
+def _course_site(args: argparse.Namespace) -> int:
+    from mmelkit.course_site import build_site
+
+    try:
+        pages = build_site(args.html, args.out, args.notebooks)
+    except FileNotFoundError as error:
+        print(f"mmelkit course site: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"course site: {pages[0]} and {len(pages) - 1} chapter page(s) in {Path(args.out)}")
     return EXIT_OK
 
 

@@ -194,3 +194,26 @@ def test_check_equal() -> None:
     check_equal("red", "red", "the colour")
     with pytest.raises(ExerciseCheckError, match="you returned 'blue', the expected answer is 'red'"):
         check_equal("blue", "red", "the colour")
+
+
+# -- the site ----------------------------------------------------------------------------------------
+def test_the_site_indexes_the_course_map_and_links_executed_chapters(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from mmelkit.cli import main
+    from mmelkit.course_site import build_site
+
+    source = tmp_path / "src"
+    write(source, demo_cells(), "01_demo")
+    write(source, demo_cells(), "02_more")
+    (source / "README.md").write_text("# Map\n\n| 01 | [Demo](01_demo.ipynb) |\n| 02 | [More](02_more.ipynb) |\n")
+    html = tmp_path / "html"
+    html.mkdir()
+    (html / "01_demo.html").write_text("<html><body>chapter one</body></html>")
+    pages = build_site(html, tmp_path / "site", source)
+    assert [p.name for p in pages] == ["index.html", "01_demo.html"]
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert 'href="01_demo.html"' in index and "02_more.ipynb" in index and "(not executed)" in index
+    assert (tmp_path / "site" / "01_demo.html").read_text() == "<html><body>chapter one</body></html>"
+    (source / "README.md").unlink()
+    assert main(["course", "site", "--notebooks", str(source), "--html", str(html), "--out", str(tmp_path / "s2")]) == 2
+    assert "no course map" in capsys.readouterr().err
