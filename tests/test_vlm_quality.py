@@ -27,12 +27,6 @@ def quality(vlm: VlmAdapter) -> VlmQuality:
     return evaluate_vlm(vlm)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped scene-llava (9,000 steps in five stages on 2 CPU cores) misses one of the issue's targets "
-    "(attribute 0.885 where 0.90 is asked); see the README and data/models/scene-llava/README.md. Strict: meeting it "
-    "fails this xfail.",
-)
 def test_scene_llava_meets_the_issue_targets(quality: VlmQuality) -> None:
     missed = {name: t for name, t in quality.targets().items() if not t["met"]}
     assert not missed, f"targets missed: {missed}\n{quality.table()}"
