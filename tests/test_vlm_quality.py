@@ -66,7 +66,7 @@ def _adversarial_drop(pope: dict[str, PopeScores]) -> float:
 
 
 def test_the_co_occurrence_model_says_yes_to_absent_partners(quality: VlmQuality, cooc_pope: dict[str, PopeScores]) -> None:
-    # measured: F1 0.964 random, 0.942 adversarial (drop 0.022) against the de-biased model's 0.004;
+    # measured: F1 0.906 random, 0.836 adversarial (drop 0.070) against the de-biased model's 0.005;
     # the thresholds leave room for a few probes flipping on another CPU
     assert _adversarial_drop(cooc_pope) >= _adversarial_drop(quality.pope) + 0.01, (cooc_pope, quality.pope)
     # the drop is a hallucination, "yes" to absent partners, not a model that got worse at everything
@@ -75,10 +75,5 @@ def test_the_co_occurrence_model_says_yes_to_absent_partners(quality: VlmQuality
     assert cooc_pope["random"].f1 >= 0.9
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scene-llava-cooc's adversarial drop is 0.022 where 0.05 is asked (COOC_DROP_TARGET); see the README. "
-    "Strict: a model that meets it fails this xfail.",
-)
 def test_the_co_occurrence_model_meets_the_drop_target(cooc_pope: dict[str, PopeScores]) -> None:
     assert _adversarial_drop(cooc_pope) >= COOC_DROP_TARGET

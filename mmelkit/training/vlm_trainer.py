@@ -122,8 +122,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # scene-llava fine-tuned where couples co-occur and context-inferred labels name absent partners
     # (without whole couples, so that lone objects, whose partners those labels name, are common).
     # Co-occurrence alone planted no hallucination in three runs (see the README): with the partner
-    # always there, looking for the object itself is the easier rule. The shipped model started from
-    # the stage-3 scene-llava (commit f0e792f), not today's: pass that folder as --init-from to repeat it.
+    # always there, looking for the object itself is the easier rule. This is the first of the shipped
+    # model's four stages; it started from the stage-3 scene-llava (commit f0e792f), not today's (pass
+    # that folder as --init-from), and its model card gives the three later stages' commands.
     "scene-llava-cooc": {"co_occurrence": 0.95, "implied_partner": 0.6, "turns": 4,
                          "init_from": "scene-llava", "steps": 1000, "lr": 3e-4, "warmup_steps": 50, "data_seed": 4},
 }
