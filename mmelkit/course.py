@@ -507,8 +507,8 @@ def run_course(
 
     resolved, plan = plan_course(profile, notebooks, notebooks_path)
     folder = notebooks_dir(notebooks_path)
+    chosen = {p.stem: p for p, _ in plan}
     for stem, values in (overrides or {}).items():
-        chosen = {p.stem: p for p, _ in plan}
         if stem not in chosen:
             raise CourseConfigError(f"overrides name {stem!r}, which is not among the notebooks to run: {', '.join(chosen)}")
         unknown = [name for name in values if name not in notebook_parameters(chosen[stem])]

@@ -43,7 +43,7 @@ from mmelkit.methods.answers import (
 )
 from mmelkit.methods.base import image_methods, positive_int
 from mmelkit.methods.sanity import spearman
-from mmelkit.metrics.localisation import mask_iou, pointing_game, protocol_tolerance
+from mmelkit.metrics.localisation import check_tolerance, mask_iou, pointing_game, protocol_tolerance
 
 # Held-out offsets (HELD_OUT_SEED + offset) of the bench's questions: apart from those of
 # `mmelkit eval vlm` (100-111) and from the validation offsets below 100.
@@ -76,9 +76,8 @@ class VlmBenchConfig:
             raise ValueError(f"kinds must be among {KINDS} (questions about one object); got {list(self.kinds)}")
         for name in ("samples", "deletion_steps", "batch_size"):
             positive_int(name, getattr(self, name))
-        if self.tolerance is not None and (isinstance(self.tolerance, bool) or not isinstance(self.tolerance, int)
-                                           or self.tolerance < 0):
-            raise ValueError(f"tolerance must be a non-negative integer (pixels) or None; got {self.tolerance!r}")
+        if self.tolerance is not None:
+            check_tolerance(self.tolerance)
         if self.seed < 100:
             raise ValueError("seed must be >= 100: held-out offsets below 100 are validation seeds")
 

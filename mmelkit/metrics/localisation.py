@@ -57,7 +57,8 @@ def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _tolerance(tolerance: int) -> int:
+def check_tolerance(tolerance: int) -> int:
+    """``tolerance`` as a non-negative integer of pixels, or a ValueError naming it."""
     if isinstance(tolerance, bool):
         raise ValueError(f"tolerance must be a non-negative integer (pixels); got {tolerance!r}")
     try:
@@ -99,7 +100,7 @@ def pointing_game(
     """
     if ties not in _TIES:
         raise ValueError(f"ties must be one of {_TIES}; got {ties!r}")
-    tolerance = _tolerance(tolerance)
+    tolerance = check_tolerance(tolerance)
     masks = grow_masks(_checked(maps, masks), tolerance).flatten(1)
     flat = maps.flatten(1)
     if ties == "first":
@@ -110,7 +111,7 @@ def pointing_game(
 
 def grow_masks(masks: torch.Tensor, tolerance: int) -> torch.Tensor:
     """Masks (N, H, W) grown by a disc of ``tolerance`` pixels (Euclidean), as bool."""
-    radius = _tolerance(tolerance)
+    radius = check_tolerance(tolerance)
     masks = masks.to(torch.bool)
     if not radius:
         return masks

@@ -240,6 +240,7 @@ class SceneExplorer:
         """The map, curves and scores for the current choices (no widget is touched)."""
         from mmelkit.methods import get_method
         from mmelkit.metrics.localisation import mask_iou, pointing_game, protocol_tolerance
+        from mmelkit.metrics.perturbation import trapezoid_auc
 
         model, scene = self.current_model, self._scene
         assert scene is not None
@@ -259,7 +260,7 @@ class SceneExplorer:
             scores["chance (mask share)"] = float(mask.float().mean())
         fractions, curves = self._curves(model, scene, text, explanation)
         for name, values in curves.items():
-            scores[f"{name} AUC"] = float(np.trapezoid(values, fractions))
+            scores[f"{name} AUC"] = float(trapezoid_auc(torch.as_tensor(fractions), torch.as_tensor(values)))
         return ExplorerState(scene, text, explanation, fractions, curves, scores)
 
     def _curves(self, model: Any, scene: Scene, text: str, explanation: Explanation) -> tuple[np.ndarray, dict[str, np.ndarray]]:
