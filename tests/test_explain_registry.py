@@ -8,7 +8,7 @@ import torch
 from conftest import TEXTS, make_model
 
 import mmelkit
-from mmelkit.methods.base import REGISTRY
+from mmelkit.methods.base import REGISTRY, TOOLS
 
 # cheap settings for the expensive methods: this file checks plumbing, not quality
 FAST = {"rise": {"masks": 40}, "integrated_gradients": {"steps": 3}, "smoothgrad": {"samples": 3},
@@ -17,6 +17,9 @@ FOLDERS = {  # the package of each (level, granularity): the folder layout mirro
     ("model", "token"): ("token", "text"),
     ("model", "architecture"): ("architecture",),
     ("data", "input"): ("perturbation", "text"),
+    ("model", "layer"): ("layer",),
+    ("model", "embedding"): ("embedding",),
+    ("model", "neuron"): ("neuron",),
 }
 VLM_EXPECTED = {"answer_attention", "answer_relevancy", "answer_gradient_x_input", "answer_integrated_gradients",
                 "answer_occlusion"}
@@ -28,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_table_lists_every_method_with_its_place() -> None:
-    table = mmelkit.list_methods()
+    table = mmelkit.list_methods("map")
     assert EXPECTED | VLM_EXPECTED <= set(table.index)
     assert set(table.index[table["explains"] == "vlm"]) == VLM_EXPECTED
     for column in ("level", "granularity", "family", "modality", "explains", "reference", "parameters"):
@@ -36,6 +39,10 @@ def test_the_table_lists_every_method_with_its_place() -> None:
     for name, cls in REGISTRY.items():
         package = cls.__module__.split(".")[2]
         assert package in FOLDERS[(cls.level, cls.granularity)], f"{name} lives in methods/{package}"
+    for name, tool in TOOLS.items():  # the analysis tools follow the same layout
+        package = tool.function.__module__.split(".")[2]
+        assert package in FOLDERS[(tool.level, tool.granularity)], f"{name} lives in methods/{package}"
+    assert set(mmelkit.list_methods().index) == set(REGISTRY) | set(TOOLS)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

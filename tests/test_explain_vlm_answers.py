@@ -291,7 +291,7 @@ def test_hooks_are_removed_and_attention_restored_after_an_exception(
 
 
 def test_explain_dispatches_by_model_kind(vlm: VlmAdapter, images: list[Any]) -> None:
-    table = mmelkit.list_methods()
+    table = mmelkit.list_methods("map")
     assert set(table.index[table["explains"] == "vlm"]) == set(VLM_METHODS)
     assert (table.loc[["grad_eclip", "occlusion"], "explains"] == "clip").all()
     with pytest.raises(ValueError, match="explains CLIP-style models"):

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmelkit.methods import architecture, inference, perturbation, text  # noqa: F401  (importing registers the methods)
+from mmelkit.methods import architecture, inference, layer, perturbation, text  # noqa: F401  (importing registers the methods)
 from mmelkit.methods import token as _token_methods  # noqa: F401
-from mmelkit.methods.base import REGISTRY, Explanation, Method, TextExplanation, get_method
+from mmelkit.methods.base import REGISTRY, TOOLS, Explanation, Method, TextExplanation, get_method
 from mmelkit.models.adapter import ClipAdapter, TextLike
 from mmelkit.models.vlm.adapter import VlmAdapter
 
@@ -67,13 +67,21 @@ def explain(
     return cls(model, **params).explain(images, texts)
 
 
-def list_methods() -> Any:
-    """A pandas DataFrame: one row per method with its taxonomy place, reference and parameters."""
+def list_methods(kind: str = "all") -> Any:
+    """A pandas DataFrame: one row per method or tool with its taxonomy place, reference and parameters.
+
+    ``kind``: ``"map"`` the explanation methods that :func:`explain` runs (maps or token scores),
+    ``"tool"`` the analysis tools called as functions (layer probes, logit lenses, residual
+    decomposition, neuron labels, TCAV, sparse autoencoders, causal tracing), ``"all"`` both; the
+    ``kind`` and ``call`` columns say which and how to run it."""
     import pandas as pd
 
+    if kind not in ("all", "map", "tool"):
+        raise ValueError(f"kind must be 'all', 'map' or 'tool'; got {kind!r}")
     rows = [
         {
             "method": cls.name,
+            "kind": "map",
             "level": cls.level,
             "granularity": cls.granularity,
             "family": cls.family,
@@ -81,10 +89,27 @@ def list_methods() -> Any:
             "explains": cls.explains,
             "reference": cls.reference,
             "parameters": dict(cls.defaults),
+            "call": f"mmelkit.explain(model, images, texts, method={cls.name!r})",
         }
-        for cls in sorted(REGISTRY.values(), key=lambda c: c.name)
+        for cls in REGISTRY.values()
     ]
-    return pd.DataFrame(rows).set_index("method")
+    rows += [
+        {
+            "method": tool.name,
+            "kind": "tool",
+            "level": tool.level,
+            "granularity": tool.granularity,
+            "family": tool.family,
+            "modality": "image",
+            "explains": tool.explains,
+            "reference": tool.reference,
+            "parameters": tool.defaults,
+            "call": f"{tool.function.__module__}.{tool.function.__name__}",
+        }
+        for tool in TOOLS.values()
+    ]
+    rows = [row for row in rows if kind in ("all", row["kind"])]
+    return pd.DataFrame(rows).sort_values("method").set_index("method")
 
 
 __all__ = ["Explanation", "Method", "explain", "get_method", "list_methods"]

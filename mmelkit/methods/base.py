@@ -121,6 +121,48 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+@dataclass(frozen=True)
+class Tool:
+    """A registered analysis tool that is not a map over one image: a layer probe, a neuron labeller,
+    a decomposition. Listed by ``list_methods()`` beside the map methods, with its taxonomy place."""
+
+    name: str
+    function: Callable[..., Any]
+    level: Level
+    granularity: Granularity
+    family: str
+    explains: str
+    reference: str
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The tool's keyword parameters and their defaults (what ``list_methods`` shows)."""
+        import inspect
+
+        return {
+            name: p.default
+            for name, p in inspect.signature(self.function).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+
+
+TOOLS: dict[str, Tool] = {}
+
+
+def register_tool(
+    name: str, *, level: Level, granularity: Granularity, family: str, explains: str = "clip", reference: str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Function decorator: list a tool in ``list_methods`` (its name must not clash with a method's)."""
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        if name in TOOLS or name in REGISTRY:
+            raise ValueError(f"{name!r} is registered twice")
+        TOOLS[name] = Tool(name, function, level, granularity, family, explains, reference)
+        return function
+
+    return decorate
+
+
 def image_methods(explains: str = "clip") -> list[str]:
     """The registered methods that map the image side of a model kind (``"clip"`` or ``"vlm"``),
     sorted: what "all methods" means for a bench, a sanity check or a benchmark of that kind."""

@@ -1,5 +1,13 @@
-"""Model-level, layer-granularity tools for generative VLMs (SPEC §6): where in the decoder the
-image enters the answer.
+"""Model-level, layer-granularity tools: where in a model a concept or an answer appears.
+
+CLIP image towers (SPEC §7):
+
+* :func:`layer_probes` / :func:`fit_ridge_probe`: linear probes per block for colour, shape,
+  count and a spatial relation, on held-out scenes;
+* :func:`clip_logit_lens`: zero-shot accuracy read through the final norm and projection after
+  every block.
+
+Generative VLMs (SPEC §6): where in the decoder the image enters the answer.
 
 * :func:`attention_knockout`: block the attention edges from the visual tokens (or one object's)
   to the answer's query column in a window of layers, and watch p(answer) drop;
@@ -10,6 +18,9 @@ image enters the answer.
 
 from mmelkit.methods.layer.attention_knockout import KnockoutResult, attention_knockout, knocked_out
 from mmelkit.methods.layer.causal_trace import CausalTrace, causal_trace
+from mmelkit.methods.layer.clip_logit_lens import ClipLogitLens, clip_logit_lens
 from mmelkit.methods.layer.logit_lens import LogitLens, logit_lens
+from mmelkit.methods.layer.probes import LinearProbe, ProbeResult, fit_ridge_probe, layer_probes, probe_layers
 
-__all__ = ["CausalTrace", "KnockoutResult", "LogitLens", "attention_knockout", "causal_trace", "knocked_out", "logit_lens"]
+__all__ = ["CausalTrace", "ClipLogitLens", "KnockoutResult", "LinearProbe", "LogitLens", "ProbeResult", "attention_knockout",
+           "causal_trace", "clip_logit_lens", "fit_ridge_probe", "knocked_out", "layer_probes", "logit_lens", "probe_layers"]

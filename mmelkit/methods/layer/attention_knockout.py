@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mmelkit.methods.answers import AnswerTarget, chunked_rows, target_score
-from mmelkit.methods.base import positive_int
+from mmelkit.methods.base import positive_int, register_tool
 from mmelkit.models.vlm.adapter import VlmAdapter
 from mmelkit.models.vlm.tracing import attention_implementation
 
@@ -72,6 +72,8 @@ def knocked_out(vlm: VlmAdapter, blocked: dict[int, torch.Tensor]) -> Iterator[N
                 handle.remove()
 
 
+@register_tool("attention_knockout", level="model", granularity="layer", family="causal intervention",
+               explains="vlm", reference="Geva et al., EMNLP 2023 (attention knockout); SPEC §6")
 def attention_knockout(
     vlm: VlmAdapter,
     target: AnswerTarget,

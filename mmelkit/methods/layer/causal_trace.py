@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from mmelkit.methods.answers import AnswerTarget, chunked_rows, clean_visual_tokens, target_score
-from mmelkit.methods.base import positive_int
+from mmelkit.methods.base import positive_int, register_tool
 from mmelkit.models.vlm.adapter import VlmAdapter
 
 
@@ -81,6 +81,8 @@ def corrupt_visual_tokens(visual: torch.Tensor, tokens: torch.Tensor, noise_scal
     return torch.where(tokens[..., None], visual + scale * eps[None], visual)
 
 
+@register_tool("causal_trace", level="model", granularity="layer", family="causal intervention", explains="vlm",
+               reference="Meng et al., NeurIPS 2022 (causal tracing); SPEC §6")
 def causal_trace(
     vlm: VlmAdapter,
     target: AnswerTarget,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mmelkit.methods.answers import AnswerTarget
-from mmelkit.methods.base import positive_int
+from mmelkit.methods.base import positive_int, register_tool
 from mmelkit.models.vlm.adapter import VlmAdapter
 
 
@@ -59,6 +59,8 @@ class LogitLens:
         return torch.stack(scores)
 
 
+@register_tool("logit_lens", level="model", granularity="layer", family="logit lens", explains="vlm",
+               reference="Neo et al., arXiv 2410.07149; SPEC §6")
 def logit_lens(vlm: VlmAdapter, target: AnswerTarget | Any, k: int = 5) -> LogitLens:
     """The top-k words of every visual token at every decoder layer (one traced forward).
 
