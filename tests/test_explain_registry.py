@@ -23,7 +23,7 @@ FOLDERS = {  # the package of each (level, granularity): the folder layout mirro
 }
 VLM_EXPECTED = {"answer_attention", "answer_relevancy", "answer_gradient_x_input", "answer_integrated_gradients",
                 "answer_occlusion"}
-EXPECTED = {"grad_eclip", "mmel", "raw_attention", "rollout", "generic_attention", "grad_cam", "maskclip",
+EXPECTED = {"grad_eclip", "mmel", "head_text_map", "raw_attention", "rollout", "generic_attention", "grad_cam", "maskclip",
             "clip_surgery", "integrated_gradients", "smoothgrad", "rise", "occlusion", "grad_eclip_text",
             "integrated_gradients_text", "leave_one_word_out"}
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmelkit.methods import architecture, inference, layer, perturbation, text  # noqa: F401  (importing registers the methods)
+from mmelkit.methods import architecture, embedding, inference, layer, neuron, perturbation, text  # noqa: F401  (importing registers the methods)
 from mmelkit.methods import token as _token_methods  # noqa: F401
 from mmelkit.methods.base import REGISTRY, TOOLS, Explanation, Method, TextExplanation, get_method
 from mmelkit.models.adapter import ClipAdapter, TextLike

@@ -14,6 +14,7 @@ The randomisation sanity check lives with the methods (:mod:`mmelkit.methods.san
 benchmark runner (:mod:`mmelkit.bench`) reports it as a metric.
 """
 
+from mmelkit.metrics.concepts import auroc
 from mmelkit.metrics.faithfulness import (
     ConfidenceChange,
     Curves,
@@ -44,6 +45,7 @@ from mmelkit.metrics.scene_pointing import PointingStudy, scene_pointing_game
 from mmelkit.metrics.scores import TextScore
 
 __all__ = [
+    "auroc",
     "GROUPS",
     "METRICS",
     "ChairScores",
