@@ -15,6 +15,15 @@ embedding is made of and which directions in it mean what.
 from mmelkit.methods.embedding.head_ablation import HeadAblation, head_ablation, mean_ablate_heads
 from mmelkit.methods.embedding.head_text_map import HeadTextMap
 from mmelkit.methods.embedding.residual_decomposition import ResidualDecomposition, decompose_image, linearised_head
+from mmelkit.methods.embedding.sparse_autoencoder import (
+    DictionaryScores,
+    SaeConfig,
+    SaeResult,
+    TopKSAE,
+    sae_on_model,
+    score_dictionary,
+    train_sae,
+)
 from mmelkit.methods.embedding.tcav import (
     TcavResult,
     class_score_gradients,
@@ -25,7 +34,8 @@ from mmelkit.methods.embedding.tcav import (
 )
 from mmelkit.methods.embedding.text_span import HeadTextSpans, TextSpanResult, scene_text_pool, text_span, text_span_heads
 
-__all__ = ["HeadAblation", "HeadTextMap", "HeadTextSpans", "ResidualDecomposition", "TcavResult", "TextSpanResult",
+__all__ = ["DictionaryScores", "SaeConfig", "SaeResult", "TopKSAE", "sae_on_model", "score_dictionary", "train_sae",
+           "HeadAblation", "HeadTextMap", "HeadTextSpans", "ResidualDecomposition", "TcavResult", "TextSpanResult",
            "class_score_gradients", "concept_direction", "decompose_image", "head_ablation", "linearised_head",
            "mean_ablate_heads", "scene_text_pool", "tcav", "tcav_from_gradients", "tcav_score", "text_span",
            "text_span_heads"]
