@@ -15,11 +15,11 @@ from conftest import TEXTS, TINY_OPEN_CLIP, _randomize_biases, make_model, make_
 import mmelkit
 from mmelkit.datasets.scenes import COLOURS, SceneConfig, SceneWorld
 from mmelkit.methods.base import REGISTRY
+from mmelkit.methods.embedding import HeadTextMap
 from mmelkit.methods.embedding.head_ablation import HeadAblation, head_ablation, mean_ablate_heads
 from mmelkit.methods.embedding.residual_decomposition import ResidualDecomposition, decompose_image
 from mmelkit.methods.embedding.text_span import scene_text_pool, text_span, text_span_heads
 from mmelkit.methods.sanity import randomisation_check
-from mmelkit.methods.embedding import HeadTextMap
 from mmelkit.models.open_clip_backend import open_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,11 @@ embedding is made of and which directions in it mean what.
 
 from mmelkit.methods.embedding.head_ablation import HeadAblation, head_ablation, mean_ablate_heads
 from mmelkit.methods.embedding.head_text_map import HeadTextMap
-from mmelkit.methods.embedding.residual_decomposition import ResidualDecomposition, decompose_image, linearised_head
+from mmelkit.methods.embedding.residual_decomposition import (
+    ResidualDecomposition,
+    decompose_image,
+    linearised_head,
+)
 from mmelkit.methods.embedding.sparse_autoencoder import (
     DictionaryScores,
     SaeConfig,
@@ -32,7 +36,13 @@ from mmelkit.methods.embedding.tcav import (
     tcav_from_gradients,
     tcav_score,
 )
-from mmelkit.methods.embedding.text_span import HeadTextSpans, TextSpanResult, scene_text_pool, text_span, text_span_heads
+from mmelkit.methods.embedding.text_span import (
+    HeadTextSpans,
+    TextSpanResult,
+    scene_text_pool,
+    text_span,
+    text_span_heads,
+)
 
 __all__ = ["DictionaryScores", "SaeConfig", "SaeResult", "TopKSAE", "sae_on_model", "score_dictionary", "train_sae",
            "HeadAblation", "HeadTextMap", "HeadTextSpans", "ResidualDecomposition", "TcavResult", "TextSpanResult",
