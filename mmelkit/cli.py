@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmelkit._checks import did_you_mean
+from mmelkit._io import CorruptFileError
 from mmelkit.course import DEFAULT_CELL_TIMEOUT, CourseConfigError, CourseError
 
 EXIT_OK = 0
@@ -255,7 +257,8 @@ def _add_train(commands: Subparsers) -> None:
         "clip",
         help="contrastive training of the scene-world CLIP (resumable)",
         description="Train the embedded CLIP on the scene world. Checkpoints go to OUT/last.pt every "
-        "--checkpoint-every steps; running again with the same OUT resumes. --export writes the "
+        "--checkpoint-every steps, and Ctrl-C stops after the current step with a checkpoint of it; running "
+        "again with the same OUT resumes. --export writes the "
         "result, its measured quality and a model card to data/models/ (what load_model('scene-clip') reads).",
     )
     from mmelkit.training.clip_trainer import ClipTrainConfig
@@ -284,17 +287,22 @@ def _add_train(commands: Subparsers) -> None:
 def _train_clip(args: argparse.Namespace) -> int:
     from mmelkit.training.clip_trainer import ClipTrainConfig, train_clip
 
-    config = ClipTrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        init_seed=args.seed,
-        data_seed=args.data_seed,
-        checkpoint_every=args.checkpoint_every,
-        workers=args.workers,
-        init_from=args.init_from,
-    )
+    try:
+        config = ClipTrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            init_seed=args.seed,
+            data_seed=args.data_seed,
+            checkpoint_every=args.checkpoint_every,
+            workers=args.workers,
+            init_from=args.init_from,
+        )
+        _check_device(args.device)  # before any run folder or data exists
+    except (ValueError, TypeError, RuntimeError) as error:
+        print(f"mmelkit train clip: {error}", file=sys.stderr)
+        return EXIT_USAGE
     max_seconds = args.max_minutes * 60 if args.max_minutes is not None else None
     checkpoint = train_clip(config, args.out, device=args.device, progress=not args.quiet, max_seconds=max_seconds)
     print(f"checkpoint: {checkpoint}")
@@ -323,7 +331,8 @@ def _add_train_megl(what: Subparsers) -> None:
         "megl",
         help="explanation-guided training (plain, RRR, GRADIA, HAICS, MEGL, ablations) and its results table",
         description="Train each configuration for each seed on the scene world's shortcut task (resumable: "
-        "runs go to OUT/<config>/seed-<s>/, finished runs are loaded), then evaluate them and print biased "
+        "runs go to OUT/<config>/seed-<s>/, finished runs are loaded, Ctrl-C checkpoints the current step), "
+        "then evaluate them and print biased "
         "and de-biased accuracy, explanation IoU / pointing game against the masks and rationale quality "
         "(BLEU-4, ROUGE-L, CLIPScore), mean ± std over seeds. Also written to OUT/table.md, runs.csv, summary.json.",
         epilog="configurations:\n" + "\n".join(f"  {name:<15} {note}" for name, note in PRESET_NOTES.items()),
@@ -367,7 +376,8 @@ def _train_megl(args: argparse.Namespace) -> int:
             raise ValueError(f"seeds repeat: {args.seeds}")
         if args.eval_size < 1:
             raise ValueError(f"--eval-size must be at least 1; got {args.eval_size}")
-    except (ValueError, TypeError) as error:
+        _check_device(args.device)  # before any run folder or data exists
+    except (ValueError, TypeError, RuntimeError) as error:
         print(f"mmelkit train megl: {error}", file=sys.stderr)
         return EXIT_USAGE
     result = megl_study(configs, args.seeds, out_dir=args.out, eval_size=args.eval_size, device=args.device,
@@ -387,7 +397,8 @@ def _add_train_vlm(what: Subparsers) -> None:
         help="train the embedded generative VLM scene-llava on scene-world questions (resumable)",
         description="Train (or resume) a scene-llava model: a Hugging Face LLaVA (CLIP vision tower from "
         "scene-clip, projector, small Llama decoder) taught scene-world questions and answers. A checkpoint "
-        "goes to OUT/last.pt after every epoch; running again with the same OUT resumes (a larger --steps "
+        "goes to OUT/last.pt after every epoch and when Ctrl-C stops the run (after the current step); running "
+        "again with the same OUT resumes (a larger --steps "
         "extends a finished run). --export evaluates the result on held-out scenes and writes the model "
         "folder data/models/<preset>/ that load_vlm('<preset>') opens.",
         epilog="presets: " + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
@@ -460,7 +471,8 @@ def _train_vlm(args: argparse.Namespace) -> int:
         config = VlmTrainConfig(**settings)
         if args.max_minutes is not None and args.max_minutes <= 0:
             raise ValueError(f"--max-minutes must be positive; got {args.max_minutes}")
-    except (ValueError, TypeError) as error:
+        _check_device(args.device)  # before any run folder or data exists
+    except (ValueError, TypeError, RuntimeError) as error:
         print(f"mmelkit train vlm: {error}", file=sys.stderr)
         return EXIT_USAGE
     target = MODELS_DIR / args.preset
@@ -547,10 +559,12 @@ def _add_eval(commands: Subparsers) -> None:
 def _eval_clip(args: argparse.Namespace) -> int:
     import json
 
-    import mmelkit
     from mmelkit.training.clip_eval import evaluate_scene_clip
 
-    quality = evaluate_scene_clip(mmelkit.load_model(args.model, device=args.device))
+    model = _load_clip(args.model, args.device, "eval clip")
+    if model is None:
+        return EXIT_USAGE
+    quality = evaluate_scene_clip(model)
     print(json.dumps(quality.as_dict(), indent=2) if args.json else quality)
     return EXIT_OK
 
@@ -566,7 +580,7 @@ def _eval_vlm(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     try:
         vlm = mmelkit.load_vlm(args.model, device=args.device)
-    except (FileNotFoundError, ValueError, TypeError) as error:
+    except (ValueError, TypeError, OSError, RuntimeError) as error:  # a bad spec, folder or device
         print(f"mmelkit eval vlm: {error}", file=sys.stderr)
         return EXIT_USAGE
     quality = evaluate_vlm(vlm, per_kind=args.per_kind, pope_images=args.pope_images,
@@ -585,7 +599,6 @@ def _eval_vlm(args: argparse.Namespace) -> int:
 
 
 def _eval_pointing(args: argparse.Namespace) -> int:
-    import mmelkit
     from mmelkit.methods.base import REGISTRY, image_methods
     from mmelkit.metrics.scene_pointing import POINTING_SEED, scene_pointing_game
 
@@ -595,18 +608,26 @@ def _eval_pointing(args: argparse.Namespace) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in REGISTRY]
         if unknown:
-            print(f"unknown method(s) {unknown}; known: {', '.join(sorted(REGISTRY))}", file=sys.stderr)
+            hints = "".join(did_you_mean(m, REGISTRY) for m in unknown)
+            print(f"unknown method(s) {unknown};{hints} known: {', '.join(sorted(REGISTRY))}", file=sys.stderr)
             return EXIT_USAGE
     try:
         low, high = (int(x) for x in args.objects.split("-"))
     except ValueError:
         print(f"--objects must look like 1-4; got {args.objects!r}", file=sys.stderr)
         return EXIT_USAGE
-    study = scene_pointing_game(
-        mmelkit.load_model(args.model, device=args.device), methods, num_scenes=args.scenes, objects=(low, high),
-        seed=POINTING_SEED if args.seed is None else args.seed, batch_size=args.batch_size,
-        progress=not args.quiet,
-    )
+    model = _load_clip(args.model, args.device, "eval pointing")
+    if model is None:
+        return EXIT_USAGE
+    try:
+        study = scene_pointing_game(
+            model, methods, num_scenes=args.scenes, objects=(low, high),
+            seed=POINTING_SEED if args.seed is None else args.seed, batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
+    except ValueError as error:  # bad counts; a method that fails is a row of the study, not an error
+        print(f"mmelkit eval pointing: {error}", file=sys.stderr)
+        return EXIT_USAGE
     print(study)
     if args.csv:
         study.samples.to_csv(args.csv, index=False)
@@ -621,7 +642,8 @@ def _add_bench(commands: Subparsers) -> None:
         description="Explain samples of each dataset with each method and score the maps (deletion / "
         "insertion AUC, confidence drop / increase, the retrieval protocol, pointing game, energy pointing "
         "game, IoU, AUROC, the randomisation check). Writes results.csv (tidy), samples.csv, table.md, "
-        "curves.json and figures.html to --out; finished cells are cached there and skipped on a rerun. "
+        "curves.json and figures.html to --out; finished cells are cached there and skipped on a rerun, so "
+        "an interrupted run (Ctrl-C, a killed worker) resumes where it stopped. "
         "Under torchrun each process takes a shard of the samples.",
     )
     parser.add_argument("--preset", choices=["mmel-paper", "localisation", "clutter"],
@@ -649,7 +671,6 @@ def _add_bench(commands: Subparsers) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import mmelkit
     from mmelkit.bench import BenchConfig, preset_config, run_bench
     from mmelkit.bench.distributed import init_from_environment, world
     from mmelkit.bench.presets import clutter_table, paper_table, relative_to_grad_eclip
@@ -680,8 +701,16 @@ def _bench(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     started, device = init_from_environment(args.device)
     try:
-        model = mmelkit.load_model(args.model, device=device)
-        result = run_bench(model, config, out=args.out, progress=not args.quiet, use_cache=args.cache)
+        model = _load_clip(args.model, device, "bench")
+        if model is None:
+            return EXIT_USAGE
+        try:
+            result = run_bench(model, config, out=args.out, progress=not args.quiet, use_cache=args.cache)
+        except KeyboardInterrupt:
+            if world()[0] == 0:
+                print(f"mmelkit bench: interrupted; the finished cells are kept in {Path(args.out) / 'cells'} and "
+                      "running the same command again computes only the others", file=sys.stderr)
+            raise
         if world()[0] == 0:
             print(result.to_markdown())
             if args.preset == "mmel-paper":
@@ -707,6 +736,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _bench_vlm(args: argparse.Namespace, methods: list[str] | None) -> int:
     import mmelkit
+    from mmelkit._io import atomic_write_text
     from mmelkit.bench.vlm import VlmBenchConfig, run_vlm_bench
     from mmelkit.methods.base import image_methods
 
@@ -718,20 +748,46 @@ def _bench_vlm(args: argparse.Namespace, methods: list[str] | None) -> int:
     try:
         config = VlmBenchConfig(**{k: v for k, v in given.items() if v is not None})
         vlm = mmelkit.load_vlm(args.vlm, device=args.device)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError, RuntimeError) as error:  # a bad spec, folder or device
         print(f"mmelkit bench: {error}", file=sys.stderr)
         return EXIT_USAGE
-    result = run_vlm_bench(vlm, config, progress=not args.quiet)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vlm_table.md").write_text(result.to_markdown() + "\n")
-    result.per_item.to_csv(out / "vlm_items.csv", index=False)
+    try:
+        result = run_vlm_bench(vlm, config, progress=not args.quiet, out=out, use_cache=args.cache)
+    except KeyboardInterrupt:
+        print(f"mmelkit bench: interrupted; the finished methods are kept in {out / 'vlm_cells'} and running the "
+              "same command again computes only the others", file=sys.stderr)
+        raise
+    atomic_write_text(out / "vlm_table.md", result.to_markdown() + "\n")
+    atomic_write_text(out / "vlm_items.csv", result.per_item.to_csv(index=False))
     print(result.to_markdown())
     print(f"\nwritten to {out}/ (vlm_table.md, vlm_items.csv)")
     return EXIT_OK
 
 
 # -- plumbing ------------------------------------------------------------------------------------
+def _check_device(device: str) -> Any:
+    """``--device`` checked (unknown names, CUDA asked for where there is none) before a command
+    creates anything."""
+    from mmelkit.models.loading import resolve_device as resolve
+
+    return resolve(device)
+
+
+def _load_clip(spec: str, device: Any, command: str) -> Any:
+    """``load_model(spec)``, or None after printing why a bad ``--model`` / ``--device`` cannot load
+    (a usage error: exit 2, not a traceback). A damaged checkpoint goes on to :func:`main`."""
+    import mmelkit
+
+    try:
+        return mmelkit.load_model(spec, device=device)
+    except CorruptFileError:
+        raise
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        print(f"mmelkit {command}: {error}", file=sys.stderr)
+        return None
+
+
 COMMANDS: list[Callable[[Subparsers], None]] = [_add_course, _add_models, _add_train, _add_eval, _add_bench]
 
 
@@ -770,6 +826,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CourseConfigError as error:
         print(f"mmelkit: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("mmelkit: interrupted", file=sys.stderr)
-        return 130
+    except CorruptFileError as error:  # a damaged checkpoint: the message says how to recover
+        print(f"mmelkit: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt as error:
+        # a trainer that stopped on a signal says where its checkpoint is, and which signal it was
+        print(f"mmelkit: {error}" if str(error) else "mmelkit: interrupted", file=sys.stderr)
+        return 128 + getattr(error, "signum", 2)  # 130 for Ctrl-C (SIGINT), 143 for SIGTERM

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmelkit.methods.base import positive_int
+from mmelkit._checks import did_you_mean, positive_int
 from mmelkit.models.adapter import ClipAdapter
 from mmelkit.models.images import resize_and_center_crop
 
@@ -93,7 +93,8 @@ def check_dataset(spec: str) -> str:
             raise ValueError(f"{spec}: {', '.join(missing)} missing; expected ROOT/{COCO_SPLIT}/ and "
                              f"ROOT/annotations/{{instances,captions}}_{COCO_SPLIT}.json (a local COCO copy)")
         return spec
-    raise ValueError(f"unknown dataset {spec!r}; datasets: scenes[:MIN-MAX], photos, coco:ROOT, coco-captions:ROOT")
+    raise ValueError(f"unknown dataset {spec!r};{did_you_mean(kind, ('scenes', 'photos', 'coco', 'coco-captions'))} "
+                     "datasets: scenes[:MIN-MAX], photos, coco:ROOT, coco-captions:ROOT")
 
 
 def load_bench_data(spec: str, model: ClipAdapter, samples: int, seed: int = 0) -> BenchData:

@@ -4,6 +4,12 @@ Each rank takes a contiguous shard of the samples, computes everything that is p
 curves, perturbed embeddings for retrieval) and the shards are gathered on every rank, merged in
 sample order; rank 0 computes the dataset-level metrics and writes the files. Without an
 initialised process group (a plain ``python`` run) there is one rank and nothing is exchanged.
+
+Fault tolerance: rank 0 alone reads and writes the cell cache and tells the other ranks what it
+found (:func:`broadcast`), so ranks never disagree about which cells remain, even without a
+shared file system. A killed worker makes ``torchrun`` stop the whole group; the cells finished
+before it are on disk (written atomically), and a restart, with any number of ranks, computes only
+the others.
 """
 
 from __future__ import annotations
@@ -40,6 +46,17 @@ def gather(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * size
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (any picklable object): for decisions every rank must share,
+    such as whether a cell is already cached (a rank that disagreed would wait forever in the
+    collectives of a cell the others skip)."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def init_from_environment(device: str = "auto") -> tuple[bool, str]:

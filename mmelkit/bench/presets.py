@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from mmelkit._checks import choice, did_you_mean
 from mmelkit.bench.runner import BenchConfig, BenchResult
 
 PAPER_BASELINES = ["grad_cam", "grad_eclip", "mmel", "raw_attention", "rollout", "generic_attention", "maskclip",
@@ -59,7 +60,7 @@ PAPER_COLUMNS = {
 def preset_config(name: str, **overrides: Any) -> BenchConfig:
     """A copy of preset ``name`` with fields replaced (``samples=20``, ``methods=[...]``, ...)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r};{did_you_mean(name, PRESETS)} presets: {', '.join(PRESETS)}")
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -67,7 +68,9 @@ def paper_table(result: BenchResult, dataset: str | None = None) -> pd.DataFrame
     """The MMEL paper's layout: one row per method measured here, then the paper's published rows
     (marked "(paper, MSCOCO)"); columns in the paper's order. Retrieval AUCs are fractions, the
     confidence figures percentages, as in the paper."""
-    dataset = dataset or result.config.datasets[0]
+    held = result.config.datasets
+    dataset = held[0] if dataset is None else choice("dataset", dataset, held,
+                                                     listing=f"the result holds: {', '.join(held)}")
     rows = result.table[result.table["dataset"] == dataset]
     wide = rows.pivot_table(index="method", columns="metric", values="value", aggfunc="first", dropna=False)
     columns = [c for c in PAPER_COLUMNS if c in wide.columns]
@@ -84,7 +87,9 @@ def paper_table(result: BenchResult, dataset: str | None = None) -> pd.DataFrame
 def relative_to_grad_eclip(result: BenchResult, dataset: str | None = None) -> pd.DataFrame:
     """MMEL's relative change of each retrieval AUC against Grad-ECLIP, next to the paper's claim
     (17.2% lower deletion AUC, 21.5% higher insertion AUC)."""
-    dataset = dataset or result.config.datasets[0]
+    held = result.config.datasets
+    dataset = held[0] if dataset is None else choice("dataset", dataset, held,
+                                                     listing=f"the result holds: {', '.join(held)}")
     rows = result.table[(result.table["dataset"] == dataset) & result.table["method"].isin(["mmel", "grad_eclip"])]
     values = rows.pivot_table(index="metric", columns="method", values="value", aggfunc="first")
     out = []

@@ -14,6 +14,13 @@ everything that determines it (model weights, dataset, samples, seed, metric set
 and its parameters); a rerun skips cached cells, so an interrupted run resumes where it stopped.
 Under ``torchrun`` each rank takes a shard of the samples (see :mod:`mmelkit.bench.distributed`).
 
+Interruptions: cells and result files are written atomically (:mod:`mmelkit._io`), so a Ctrl-C
+(which stops the run at once), a SIGTERM or a killed ``torchrun`` worker leaves every finished
+cell whole and no half-written file; the rerun computes only the missing cells. A cached cell that
+cannot be used anyway (truncated or damaged on disk, or not the cell its name says) is computed
+again, with a warning that names the file. Result files are rewritten from all cells at the end of
+every run.
+
 Seeds: ``seed`` draws the samples, fixes the metrics' tie-break order and noise, and seeds the
 global RNG before each batch of a random method (RISE, SmoothGrad) from the batch's first sample,
 so a single-process run repeats exactly; a sharded run of a random method batches differently.
@@ -34,9 +41,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from mmelkit._checks import output_folder, positive_int
+from mmelkit._io import atomic_write_json, atomic_write_text, read_cached_record, remove_stale_temporaries
 from mmelkit.bench.data import BenchData, check_dataset, load_bench_data
-from mmelkit.bench.distributed import gather, shard, world
-from mmelkit.methods.base import get_method, positive_int
+from mmelkit.bench.distributed import broadcast, gather, shard, world
+from mmelkit.methods.base import get_method
 from mmelkit.metrics.faithfulness import confidence_change
 from mmelkit.metrics.localisation import (
     energy_pointing_game,
@@ -61,6 +70,8 @@ from mmelkit.models.adapter import ClipAdapter
 
 CACHE_VERSION = 2  # 2: benchmark scenes moved off the training seeds
 DEFAULT_METRICS: tuple[str, ...] = GROUPS["faithfulness"] + GROUPS["retrieval"] + GROUPS["localisation"]
+# what a cached cell must hold to be used (besides its key)
+CELL_FIELDS: tuple[str, ...] = ("method", "dataset", "samples", "curves", "dataset_metrics", "method_metrics", "valid")
 
 
 @dataclass
@@ -148,17 +159,18 @@ class BenchResult:
         return failed.groupby(["dataset", "method"], sort=False)["failed"].sum()
 
     def save(self, out: str | Path) -> dict[str, Path]:
-        """Write results.csv (tidy), samples.csv, table.md, curves.json and figures.html to ``out``."""
+        """Write results.csv (tidy), samples.csv, table.md, curves.json and figures.html to ``out``,
+        each atomically (a file is the old one or the new one, never a truncated one)."""
         from mmelkit.viz.metrics import bench_figures, write_figures
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"results": out / "results.csv", "samples": out / "samples.csv", "table": out / "table.md",
                  "curves": out / "curves.json", "figures": out / "figures.html"}
-        self.table.to_csv(paths["results"], index=False)
-        self.samples.to_csv(paths["samples"], index=False)
-        paths["table"].write_text(self.to_markdown() + "\n")
-        paths["curves"].write_text(json.dumps(self.curves, indent=1))
+        atomic_write_text(paths["results"], self.table.to_csv(index=False))
+        atomic_write_text(paths["samples"], self.samples.to_csv(index=False))
+        atomic_write_text(paths["table"], self.to_markdown() + "\n")
+        atomic_write_json(paths["curves"], self.curves, indent=1)
         write_figures(bench_figures(self), paths["figures"])
         return paths
 
@@ -190,10 +202,17 @@ def run_bench(model: ClipAdapter, config: BenchConfig, out: str | Path | None = 
     """Run every (dataset, method) cell of ``config`` on ``model``; see the module docstring.
 
     ``out``: folder for the cache (``OUT/cells``) and, on rank 0, the result files. Returns the
-    merged result on every rank.
+    merged result on every rank. ``use_cache=False`` recomputes (and rewrites) every cell.
     """
+    if not isinstance(config, BenchConfig):
+        raise TypeError(f"config must be a BenchConfig (e.g. BenchConfig(methods=[...]) or preset_config(name)); "
+                        f"got {type(config).__name__}")
+    if out is not None:
+        out = output_folder("out", out)
     rank, _ = world()
     cache = Path(out) / "cells" if out is not None else None
+    if cache is not None and rank == 0:
+        _remove_leftovers(cache)
     fingerprint = model_fingerprint(model)
     cells: list[dict[str, Any]] = []
     for dataset in config.datasets:
@@ -201,9 +220,12 @@ def run_bench(model: ClipAdapter, config: BenchConfig, out: str | Path | None = 
         for method in config.methods:
             key = cell_key(fingerprint, dataset, method, config)
             path = cache / f"{key}.json" if cache is not None else None
-            if use_cache and path is not None and path.is_file():
-                cells.append(json.loads(path.read_text()))
-                continue
+            if use_cache and path is not None:
+                # rank 0 reads, every rank follows: all skip the cell or all compute it
+                cached = broadcast(load_cached_cell(path, key) if rank == 0 else None)
+                if cached is not None:
+                    cells.append(cached)
+                    continue
             if data is None:
                 data = load_bench_data(dataset, model, config.samples, config.seed)
                 if not len(data):
@@ -211,15 +233,28 @@ def run_bench(model: ClipAdapter, config: BenchConfig, out: str | Path | None = 
             cell = run_cell(model, data, method, config, progress=progress and rank == 0)
             cell["key"] = key
             if path is not None and rank == 0:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                temporary = path.with_suffix(".tmp")
-                temporary.write_text(json.dumps(cell))
-                temporary.replace(path)  # a killed run never leaves a half-written cell
+                atomic_write_json(path, cell)  # a killed run never leaves a half-written cell
             cells.append(cell)
     result = assemble(cells, config)
     if out is not None and rank == 0:
         result.save(out)
     return result
+
+
+def load_cached_cell(path: Path, key: str) -> dict[str, Any] | None:
+    """The cell cached at ``path``; None when there is none or it cannot be used, which is then
+    reported (a warning naming the file) so that the caller computes it again."""
+    return read_cached_record(path, key, CELL_FIELDS, "cached bench cell")
+
+
+def _remove_leftovers(cache: Path) -> None:
+    """Temporaries of cell writes that a SIGKILL cut short, and the fixed-name ``<key>.tmp`` files
+    of earlier versions: never read as cells, removed so they do not pile up."""
+    remove_stale_temporaries(cache)
+    if cache.is_dir():
+        for leftover in cache.glob("*.tmp"):
+            if not leftover.name.startswith("."):
+                leftover.unlink(missing_ok=True)
 
 
 def model_fingerprint(model: ClipAdapter) -> str:

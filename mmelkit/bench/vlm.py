@@ -18,13 +18,21 @@ method explains the same thing whatever the model would have said. Scores per me
 * ``seconds``: wall time of the explanations.
 
 The user's model is never modified (the randomised copy is a deep copy).
+
+With an output folder each method's scores are cached (atomically) under ``OUT/vlm_cells/``, keyed
+by the model's weights, the configuration and the method, so that an interrupted run (Ctrl-C stops
+at once) resumes without computing a finished method again; an unusable cached file is computed
+again with a warning naming it, as in :mod:`mmelkit.bench.runner`.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +40,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from mmelkit._checks import positive_int
+from mmelkit._io import atomic_write_json, read_cached_record, remove_stale_temporaries
 from mmelkit.datasets.vqa import QAItem, VqaConfig, held_out
 from mmelkit.methods import explain
 from mmelkit.methods.answers import (
@@ -41,7 +51,7 @@ from mmelkit.methods.answers import (
     clean_visual_tokens,
     target_score,
 )
-from mmelkit.methods.base import image_methods, positive_int
+from mmelkit.methods.base import image_methods
 from mmelkit.methods.sanity import spearman
 from mmelkit.metrics.localisation import check_tolerance, mask_iou, pointing_game, protocol_tolerance
 
@@ -50,6 +60,7 @@ from mmelkit.metrics.localisation import check_tolerance, mask_iou, pointing_gam
 BENCH_SEED = 120
 KINDS = ("existence", "attribute")
 SCORES = ("pointing", "pointing_strict", "iou", "deletion_auc", "sanity_rho", "seconds")
+CACHE_VERSION = 1
 # Cheap enough on a CPU for the scene world, faithful to each method's definition.
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {"answer_integrated_gradients": {"steps": 16}}
 
@@ -144,52 +155,94 @@ def _randomised(vlm: Any, seed: int) -> Any:
     return load_vlm(model, device=vlm.device, dtype=vlm.dtype, processor=vlm.processor)
 
 
-def run_vlm_bench(vlm: Any, config: VlmBenchConfig | None = None, progress: bool = True) -> VlmBenchResult:
-    """Score every configured method on the held-out questions (see the module docstring)."""
+def vlm_cell_key(fingerprint: str, method: str, config: VlmBenchConfig) -> str:
+    """The cache name of one method's scores: everything that determines them."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("methods", "params")}
+    settings.update(version=CACHE_VERSION, model=fingerprint, method=method, params=config.params.get(method, {}))
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{method}--{digest}"
+
+
+def _cached(path: Path, key: str) -> dict[str, Any] | None:
+    return read_cached_record(path, key, ("rows", "curve", "summary"), "cached VLM bench scores")
+
+
+def run_vlm_bench(vlm: Any, config: VlmBenchConfig | None = None, progress: bool = True,
+                  out: str | Path | None = None, use_cache: bool = True) -> VlmBenchResult:
+    """Score every configured method on the held-out questions (see the module docstring).
+
+    ``out``: folder for the per-method cache (``OUT/vlm_cells``); ``use_cache=False`` recomputes
+    (and rewrites) every method."""
+    from mmelkit.bench.runner import model_fingerprint
+
     config = config or VlmBenchConfig()
+    cache = Path(out) / "vlm_cells" if out is not None else None
+    fingerprint = model_fingerprint(vlm) if cache is not None else ""
+    if cache is not None:
+        remove_stale_temporaries(cache)
     items = bench_items(config)
-    images = [it.scene.image for it in items]
-    questions = [it.question for it in items]
-    answers = [it.answer for it in items]
     masks = torch.from_numpy(np.stack([it.mask() for it in items]))
     if tuple(masks.shape[-2:]) != vlm.image_size:
         masks = torch.nn.functional.interpolate(masks[:, None].float(), size=vlm.image_size, mode="nearest")[:, 0] > 0.5
     masks = masks.to(vlm.device)
     tolerance = config.tolerance if config.tolerance is not None else protocol_tolerance(vlm.image_size[0])
-    other = _randomised(vlm, config.seed) if config.sanity else None
+    other: Any = None  # the randomised copy, made when a method is computed (not for a fully cached run)
     rows, curves, summary = [], {}, []
     for method in tqdm(config.methods, disable=not progress, desc="vlm bench", unit="method"):
-        params = config.params.get(method, {})
-        maps_list, seconds = [], 0.0
-        for start in range(0, len(items), config.batch_size):
-            chunk = slice(start, start + config.batch_size)
-            began = time.perf_counter()
-            maps_list.append(explain(vlm, images[chunk], questions[chunk], method=method, answer=answers[chunk], **params).maps)
-            seconds += time.perf_counter() - began
-        maps = torch.cat(maps_list)
-        upsampled = torch.nn.functional.interpolate(maps[:, None], size=vlm.image_size, mode="bilinear",
-                                                    align_corners=False)[:, 0]
-        pointing = pointing_game(upsampled, masks, tolerance=tolerance)
-        strict = pointing_game(upsampled, masks)
-        iou = mask_iou(upsampled, masks)
-        target = answer_target(vlm, images, questions, answers)
-        curve = deletion_curves(vlm, target, maps, config.deletion_steps, batch_size=4 * config.batch_size)
-        auc = torch.trapezoid(curve, dx=1.0 / config.deletion_steps, dim=1)
-        if other is not None:
-            shuffled = torch.cat([explain(other, images[s : s + config.batch_size], questions[s : s + config.batch_size],
-                                          method=method, answer=answers[s : s + config.batch_size], **params).maps
-                                  for s in range(0, len(items), config.batch_size)])
-            rho = spearman(maps, shuffled)
-        else:
-            rho = torch.full((len(items),), float("nan"), device=maps.device)
-        curves[method] = curve.mean(0).cpu().numpy()
-        for index, item in enumerate(items):
-            rows.append({"method": method, "kind": item.kind, "question": item.question, "answer": item.answer,
-                         "pointing": float(pointing[index]), "pointing_strict": float(strict[index]),
-                         "iou": float(iou[index]),
-                         "deletion_auc": float(auc[index]), "sanity_rho": float(rho[index])})
-        summary.append({"method": method, "pointing": float(pointing.mean()),
-                        "pointing_strict": float(strict.mean()), "iou": float(iou.mean()),
-                        "deletion_auc": float(auc.mean()), "sanity_rho": float(rho.nanmean()),
-                        "seconds": seconds})
+        key = vlm_cell_key(fingerprint, method, config)
+        path = cache / f"{key}.json" if cache is not None else None
+        cell = _cached(path, key) if use_cache and path is not None else None
+        if cell is None:
+            if config.sanity and other is None:
+                other = _randomised(vlm, config.seed)
+            cell = _score_method(vlm, other, method, config, items, masks, tolerance)
+            cell["key"] = key
+            if path is not None:
+                atomic_write_json(path, cell)
+        rows += cell["rows"]
+        curves[method] = np.asarray(cell["curve"], dtype=np.float32)
+        summary.append(cell["summary"])
     return VlmBenchResult(pd.DataFrame(summary).set_index("method"), pd.DataFrame(rows), curves, tolerance)
+
+
+def _score_method(vlm: Any, other: Any, method: str, config: VlmBenchConfig, items: list[QAItem],
+                  masks: torch.Tensor, tolerance: int) -> dict[str, Any]:
+    """One method's per-item rows, mean deletion curve and summary, as plain JSON-able values."""
+    images = [it.scene.image for it in items]
+    questions = [it.question for it in items]
+    answers = [it.answer for it in items]
+    rows: list[dict[str, Any]] = []
+    params = config.params.get(method, {})
+    maps_list, seconds = [], 0.0
+    for start in range(0, len(items), config.batch_size):
+        chunk = slice(start, start + config.batch_size)
+        began = time.perf_counter()
+        maps_list.append(explain(vlm, images[chunk], questions[chunk], method=method, answer=answers[chunk], **params).maps)
+        seconds += time.perf_counter() - began
+    maps = torch.cat(maps_list)
+    upsampled = torch.nn.functional.interpolate(maps[:, None], size=vlm.image_size, mode="bilinear",
+                                                align_corners=False)[:, 0]
+    pointing = pointing_game(upsampled, masks, tolerance=tolerance)
+    strict = pointing_game(upsampled, masks)
+    iou = mask_iou(upsampled, masks)
+    target = answer_target(vlm, images, questions, answers)
+    curve = deletion_curves(vlm, target, maps, config.deletion_steps, batch_size=4 * config.batch_size)
+    auc = torch.trapezoid(curve, dx=1.0 / config.deletion_steps, dim=1)
+    if other is not None:
+        shuffled = torch.cat([explain(other, images[s : s + config.batch_size], questions[s : s + config.batch_size],
+                                      method=method, answer=answers[s : s + config.batch_size], **params).maps
+                              for s in range(0, len(items), config.batch_size)])
+        rho = spearman(maps, shuffled)
+    else:
+        rho = torch.full((len(items),), float("nan"), device=maps.device)
+    mean_curve = [float(v) for v in curve.mean(0).float().cpu()]
+    for index, item in enumerate(items):
+        rows.append({"method": method, "kind": item.kind, "question": item.question, "answer": item.answer,
+                     "pointing": float(pointing[index]), "pointing_strict": float(strict[index]),
+                     "iou": float(iou[index]),
+                     "deletion_auc": float(auc[index]), "sanity_rho": float(rho[index])})
+    summary = {"method": method, "pointing": float(pointing.mean()),
+               "pointing_strict": float(strict.mean()), "iou": float(iou.mean()),
+               "deletion_auc": float(auc.mean()), "sanity_rho": float(rho.nanmean()),
+               "seconds": seconds}
+    return {"rows": rows, "curve": mean_curve, "summary": summary}

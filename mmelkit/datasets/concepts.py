@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from mmelkit._checks import positive_int
 from mmelkit.datasets.scenes import NUMBER_WORDS, Scene, SceneConfig, SceneObject, SceneWorld, relation
 
 ConceptGroup = Literal["colour", "shape", "size", "count"]
@@ -177,8 +178,7 @@ def probe_task(task: ProbeTask, count: int, seed: int, image_size: int = 64,
     other" (1) or right of it (0), scenes that state no horizontal relation skipped."""
     if task not in PROBE_TASKS:
         raise ValueError(f"unknown probe task {task!r}; tasks: {', '.join(PROBE_TASKS)}")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be an integer >= 1; got {count!r}")
+    count = positive_int("count", count)
     base = config or SceneConfig().scaled(image_size)
     if task in ("colour", "shape"):
         world = SceneWorld(replace(base, min_objects=1, max_objects=1), seed=seed)

@@ -19,6 +19,8 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from mmelkit._checks import non_negative_int, non_negative_number
+
 # --------------------------------------------------------------------------------------------------
 # Vocabulary
 # --------------------------------------------------------------------------------------------------
@@ -219,7 +221,7 @@ class SceneWorld:
         self.seed = int(seed)
         if not 0 <= self.seed < 2**63:
             raise ValueError("seed must be a non-negative 63-bit integer")
-        self.length = int(length)
+        self.length = non_negative_int("length", length)
         self._textures = _texture_bank(self.config.image_size, np.random.default_rng([self.seed, 2**31 - 1]))
         # one generator per thread, re-positioned for every scene (see __getitem__)
         self._streams = threading.local()
@@ -469,6 +471,8 @@ def collate_scenes(scenes: list[Scene]) -> dict[str, object]:
     tensor (N, 3, H, W); the scenes themselves (masks, captions, ...) kept as a list."""
     import torch
 
+    if not scenes:
+        raise ValueError("no scenes to collate: the batch is empty")
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).contiguous()
     return {"images": images, "scenes": scenes}
 
@@ -521,6 +525,7 @@ def _boxes(masks: np.ndarray) -> np.ndarray:
 def relation(a: SceneObject, b: SceneObject, margin_px: float) -> str | None:
     """The spatial relation of ``a`` to ``b`` ("left of", "right of", "above", "below"), or None
     when their centres are too close to say."""
+    non_negative_number("margin_px", margin_px)
     dx = b.center[0] - a.center[0]
     dy = b.center[1] - a.center[1]
     if abs(dx) >= abs(dy):
@@ -542,6 +547,8 @@ def make_captions(scene: Scene, config: SceneConfig) -> list[Caption]:
     * count: "three objects", and "two circles" where a shape occurs more than once.
     With ``unique_objects`` every object caption names exactly one object.
     """
+    if not isinstance(config, SceneConfig):
+        raise TypeError(f"config must be a SceneConfig (the world's, for the relation margin); got {type(config).__name__}")
     objs = scene.objects
     captions: list[Caption] = []
     for k, o in enumerate(objs):

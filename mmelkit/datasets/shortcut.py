@@ -26,6 +26,7 @@ from typing import Literal, cast
 
 import numpy as np
 
+from mmelkit._checks import did_you_mean
 from mmelkit.datasets.scenes import SHAPES, Scene, SceneConfig, SceneWorld
 
 Split = Literal["train", "test", "debiased"]
@@ -115,7 +116,7 @@ class ShortcutTask:
 
     def __init__(self, config: ShortcutConfig | None = None, split: Split = "train", seed: int = 0, length: int = 2000):
         if split not in _SPLIT_OFFSET:
-            raise ValueError(f"split must be one of {list(_SPLIT_OFFSET)}; got {split!r}")
+            raise ValueError(f"split must be one of {list(_SPLIT_OFFSET)}; got {split!r}." + did_you_mean(split, _SPLIT_OFFSET))
         self.config = config or ShortcutConfig()
         self.split = split
         self.length = length

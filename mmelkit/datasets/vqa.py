@@ -33,6 +33,7 @@ from typing import Literal
 
 import numpy as np
 
+from mmelkit._checks import did_you_mean, non_negative_int
 from mmelkit.datasets.scenes import (
     NUMBER_WORDS,
     SHAPES,
@@ -152,6 +153,8 @@ def partner_map(config: VqaConfig) -> dict[str, str]:
     A random perfect matching of the world's objects (one object is left single when their number is
     odd), fixed by ``partner_seed``; the same for every ``co_occurrence``, so a de-biased and a
     co-occurrence-trained model can be probed with the same adversarial questions."""
+    if not isinstance(config, VqaConfig):
+        raise TypeError(f"config must be a VqaConfig; got {type(config).__name__}")
     return dict(_partner_map(tuple(all_objects(config.scene)), config.partner_seed))
 
 
@@ -180,10 +183,10 @@ class SceneQA:
     ) -> None:
         self.config = config or VqaConfig()
         if kind is not None and kind not in QUESTION_KINDS:
-            raise ValueError(f"kind must be one of {QUESTION_KINDS}; got {kind!r}")
+            raise ValueError(f"kind must be one of {QUESTION_KINDS}; got {kind!r}." + did_you_mean(kind, QUESTION_KINDS))
         self.kind = kind
         self.seed = int(seed)
-        self.length = int(length)
+        self.length = non_negative_int("length", length)
         # the scene world's seed space is shared with other users: keep this one apart
         self.world = SceneWorld(self.config.scene, seed=self.seed * 7 + 5, length=self.length)
         kinds = [k for k, _ in self.config.kinds]
@@ -447,7 +450,7 @@ def pope_probes(
     (``adversarial``: the co-occurrence couples of :func:`partner_map`), topped up at random.
     """
     if split not in POPE_SPLITS:
-        raise ValueError(f"split must be one of {POPE_SPLITS}; got {split!r}")
+        raise ValueError(f"split must be one of {POPE_SPLITS}; got {split!r}." + did_you_mean(split, POPE_SPLITS))
     if per_image < 1:
         raise ValueError("per_image must be a positive integer")
     config = config or VqaConfig()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmelkit._checks import did_you_mean
 from mmelkit.methods import architecture, embedding, inference, layer, neuron, perturbation, text  # noqa: F401  (importing registers the methods)
 from mmelkit.methods import token as _token_methods  # noqa: F401
 from mmelkit.methods.base import REGISTRY, TOOLS, Explanation, Method, TextExplanation, get_method
@@ -42,7 +43,10 @@ def explain(
 ) -> Explanation | TextExplanation:
     """Explain image-text pairs with a registered method (see :func:`list_methods`).
 
-    ``images``/``texts``: N and N (pairs), 1 and N, or N and 1. ``params`` are the method's own.
+    ``images``/``texts``: N and N (pairs), 1 and N, or N and 1; any other pairing, an empty batch,
+    images holding NaN or infinite values and tensors on the ``meta`` device are ValueErrors naming
+    ``images`` or ``texts`` (inputs on another device are moved to the model's). ``params`` are the
+    method's own; a misspelt name or method gets a "did you mean" suggestion.
     Image-side methods return an :class:`Explanation` (maps), text-side ones a
     :class:`TextExplanation` (token and word scores).
 
@@ -77,7 +81,8 @@ def list_methods(kind: str = "all") -> Any:
     import pandas as pd
 
     if kind not in ("all", "map", "tool"):
-        raise ValueError(f"kind must be 'all', 'map' or 'tool'; got {kind!r}")
+        raise ValueError(f"kind must be 'all', 'map' or 'tool'; got {kind!r}."
+                         + did_you_mean(kind, ("all", "map", "tool")))
     rows = [
         {
             "method": cls.name,

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from mmelkit.methods.base import Explanation, Method, normalise_maps, positive_int
+from mmelkit._checks import did_you_mean, positive_int
+from mmelkit.methods.base import Explanation, Method, normalise_maps
 
 if TYPE_CHECKING:
     from mmelkit.models.vlm.adapter import TextsLike, VlmAdapter
@@ -189,7 +190,7 @@ def signed(values: torch.Tensor, sign: str) -> torch.Tensor:
         return values.abs()
     if sign == "positive":
         return values.clamp(min=0)
-    raise ValueError(f"sign must be one of {SIGNS}; got {sign!r}")
+    raise ValueError(f"sign must be one of {SIGNS}; got {sign!r}." + did_you_mean(sign, SIGNS))
 
 
 def clean_visual_tokens(vlm: VlmAdapter, target: AnswerTarget) -> torch.Tensor:

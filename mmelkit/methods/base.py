@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from mmelkit._checks import choice, did_you_mean
+from mmelkit._checks import positive_int as positive_int  # re-exported: it lived here before _checks
 from mmelkit.models.adapter import ClipAdapter, TextLike
 from mmelkit.models.backend import TextTokens
 
@@ -63,13 +65,6 @@ def minmax_over(values: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch
     return (values - low) / (high - low + eps)
 
 
-def positive_int(name: str, value: Any) -> int:
-    """``value`` as an int >= 1, or a ValueError naming the parameter."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-    return value
-
-
 def pair_inputs(model: ClipAdapter, images: Any, texts: TextLike) -> tuple[torch.Tensor, TextTokens]:
     """Model input for N image-text pairs: N and N, 1 and N, or N and 1 (the single side repeated)."""
     pixels = model.as_pixels(images)
@@ -102,7 +97,8 @@ class Method:
     def __init__(self, model: ClipAdapter, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
-            raise TypeError(f"{self.name} has no parameter(s) {unknown}; parameters: {sorted(self.defaults)}")
+            hints = "".join(did_you_mean(name, self.defaults) for name in unknown)
+            raise TypeError(f"{self.name} has no parameter(s) {unknown};{hints} parameters: {sorted(self.defaults)}")
         self.model = model
         self.params = {**self.defaults, **params}
 
@@ -170,10 +166,8 @@ def image_methods(explains: str = "clip") -> list[str]:
 
 
 def get_method(name: str) -> type[Method]:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; methods: {', '.join(sorted(REGISTRY))}") from None
+    """The registered method class called ``name``; a ValueError suggests the closest names."""
+    return REGISTRY[choice("method", name, sorted(REGISTRY))]
 
 
 def text_features(model: ClipAdapter, tokens: TextTokens) -> torch.Tensor:

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from mmelkit.methods.base import Explanation, normalise_maps, positive_int
+from mmelkit._checks import positive_int
+from mmelkit.methods.base import Explanation, normalise_maps
 from mmelkit.metrics.perturbation import (
     Mode,
     Substrate,

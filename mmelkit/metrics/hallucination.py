@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mmelkit._checks import finite
+
 
 @dataclass(frozen=True)
 class PopeScores:
@@ -40,6 +42,8 @@ def parse_yes_no(answer: str) -> bool | None:
     ignored: "Yes!" is yes). POPE's published script reads the first sentence instead and calls it
     "no" when it holds "no" or "not"; answers here are single words, where both agree, and
     :func:`pope_scores` counts anything that is not "yes" as "no", as that script does."""
+    if not isinstance(answer, str):
+        raise TypeError(f"answer must be a string; got {type(answer).__name__}")
     words = re.sub(r"[^\w\s]", " ", answer.lower()).split()
     if not words:
         return None
@@ -137,6 +141,7 @@ def binary_auroc(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     if scores.ndim != 1 or positive.shape != scores.shape or positive.dtype != torch.bool:
         raise ValueError(f"scores must be (K,) and positive (K,) bool; got {tuple(scores.shape)} and "
                          f"{tuple(positive.shape)} {positive.dtype}")
+    finite("scores", scores)  # NaN has no rank: it would move the AUROC without a word
     count = int(positive.sum())
     if count == 0 or count == len(scores):
         raise ValueError(f"the AUROC needs both classes; got {count} positives among {len(scores)}")

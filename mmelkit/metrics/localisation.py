@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from mmelkit._checks import did_you_mean, finite, non_negative_int
 from mmelkit.methods.sanity import average_ranks
 
 Ties = Literal["expected", "first"]
@@ -44,8 +44,7 @@ def _checked(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"maps must be a floating-point tensor; got {maps.dtype}")
     if masks.dtype != torch.bool:
         raise ValueError(f"masks must be a bool tensor; got {masks.dtype}")
-    if not torch.isfinite(maps).all():
-        raise ValueError("maps contain NaN or infinite values")
+    finite("maps", maps)
     masks = masks.to(device=maps.device)
     if not masks.flatten(1).any(dim=1).all():
         empty = (~masks.flatten(1).any(dim=1)).nonzero()[:, 0].tolist()
@@ -59,15 +58,7 @@ def _is_number(value: object) -> bool:
 
 def check_tolerance(tolerance: int) -> int:
     """``tolerance`` as a non-negative integer of pixels, or a ValueError naming it."""
-    if isinstance(tolerance, bool):
-        raise ValueError(f"tolerance must be a non-negative integer (pixels); got {tolerance!r}")
-    try:
-        value = operator.index(tolerance)
-    except TypeError:
-        raise ValueError(f"tolerance must be a non-negative integer (pixels); got {tolerance!r}") from None
-    if value < 0:
-        raise ValueError(f"tolerance must be non-negative; got {tolerance}")
-    return value
+    return non_negative_int("tolerance", tolerance, unit="pixels")
 
 
 def protocol_tolerance(image_size: int) -> int:
@@ -99,7 +90,7 @@ def pointing_game(
     an error (nothing to point at).
     """
     if ties not in _TIES:
-        raise ValueError(f"ties must be one of {_TIES}; got {ties!r}")
+        raise ValueError(f"ties must be one of {_TIES}; got {ties!r}." + did_you_mean(ties, _TIES))
     tolerance = check_tolerance(tolerance)
     masks = grow_masks(_checked(maps, masks), tolerance).flatten(1)
     flat = maps.flatten(1)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mmelkit.methods.base import Explanation, positive_int
+from mmelkit._checks import did_you_mean, map_batch, positive_int
+from mmelkit.methods.base import Explanation
 from mmelkit.models.adapter import ClipAdapter
 
 Substrate = Literal["black", "mean", "blur", "noise"]
@@ -37,17 +38,7 @@ def as_map_tensor(maps: Explanation | torch.Tensor, count: int) -> torch.Tensor:
         maps = maps.maps
     if not isinstance(maps, torch.Tensor):
         raise TypeError(f"maps must be an Explanation or a tensor (N, h, w); got {type(maps).__name__}")
-    if maps.ndim != 3:
-        raise ValueError(f"maps must have shape (N, h, w); got {tuple(maps.shape)}")
-    if maps.shape[0] != count:
-        raise ValueError(f"got {maps.shape[0]} maps for {count} images: pass one map per image")
-    if min(maps.shape[1:]) < 1:
-        raise ValueError(f"maps have an empty spatial size {tuple(maps.shape[1:])}")
-    maps = maps.float()
-    if not torch.isfinite(maps).all():
-        bad = (~torch.isfinite(maps)).flatten(1).any(dim=1).nonzero()[:, 0].tolist()
-        raise ValueError(f"maps {bad[:10]} contain NaN or infinite values")
-    return maps
+    return map_batch(maps, count)
 
 
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -112,7 +103,7 @@ def substrate_pixels(
       (the same for every sample, so that shards and batches agree).
     """
     if kind not in SUBSTRATES:
-        raise ValueError(f"unknown substrate {kind!r}; substrates: {', '.join(SUBSTRATES)}")
+        raise ValueError(f"unknown substrate {kind!r};{did_you_mean(kind, SUBSTRATES)} substrates: {', '.join(SUBSTRATES)}")
     mean = torch.tensor(model.backend.image_mean, device=pixels.device, dtype=torch.float32)[:, None, None]
     std = torch.tensor(model.backend.image_std, device=pixels.device, dtype=torch.float32)[:, None, None]
     height, width = pixels.shape[-2:]
@@ -160,7 +151,7 @@ class _Perturbation(NamedTuple):
 def _prepare(model: ClipAdapter, images: Any, maps: Explanation | torch.Tensor, fractions: Sequence[float] | torch.Tensor,
              mode: Mode, substrate: Substrate, seed: int) -> _Perturbation:
     if mode not in MODES:
-        raise ValueError(f"mode must be 'deletion' or 'insertion'; got {mode!r}")
+        raise ValueError(f"mode must be 'deletion' or 'insertion'; got {mode!r}." + did_you_mean(mode, MODES))
     pixels = model.as_pixels(images)
     if len(pixels) == 0:
         raise ValueError("no images given")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mmelkit._checks import choice
+
 Category = Literal["faithfulness", "retrieval", "localisation", "sanity"]
 Scope = Literal["sample", "dataset", "method"]
 
@@ -80,8 +82,8 @@ def resolve_metrics(names: str | list[str] | tuple[str, ...]) -> list[str]:
         expanded = GROUPS.get(name, (name,))
         for metric in expanded:
             if metric not in METRICS:
-                known = ", ".join([*METRICS, *GROUPS])
-                raise ValueError(f"unknown metric {metric!r}; metrics and groups: {known}")
+                known = [*METRICS, *GROUPS]
+                choice("metric", metric, known, listing=f"metrics and groups: {', '.join(known)}")
             if metric not in resolved:
                 resolved.append(metric)
     if not resolved:

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from mmelkit.methods.base import Explanation, positive_int
+from mmelkit._checks import positive_int
+from mmelkit.methods.base import Explanation
 from mmelkit.metrics.perturbation import (
     Mode,
     Substrate,

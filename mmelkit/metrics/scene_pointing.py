@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from mmelkit._checks import positive_int
 from mmelkit.datasets.scenes import SceneConfig, SceneWorld
 from mmelkit.methods import get_method
 from mmelkit.metrics.localisation import grow_masks, pointing_game, protocol_tolerance
@@ -56,6 +57,10 @@ def scene_pointing_game(
     ``tolerance``: pixels around the mask that still count as a hit. Default: the usual 15 px at
     224 px scaled to the model's input (4 px at 64 px), so that a patch-level map whose maximum
     patch covers a small object is not failed for landing at the patch's centre."""
+    for name in methods:  # a misspelt name fails here, not as a failed row after the others ran
+        get_method(name)
+    positive_int("num_scenes", num_scenes)
+    positive_int("batch_size", batch_size)
     if tolerance is None:
         tolerance = protocol_tolerance(model.image_size[0])
     low, high = objects

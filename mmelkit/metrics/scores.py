@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from mmelkit.methods.base import positive_int
+from mmelkit._checks import did_you_mean, positive_int
 from mmelkit.models.adapter import ClipAdapter
 
 ScoreKind = Literal["cosine", "softmax", "recall"]
@@ -36,7 +36,7 @@ class TextScore:
 
     def __post_init__(self) -> None:
         if self.kind not in SCORES:
-            raise ValueError(f"unknown score {self.kind!r}; scores: {', '.join(SCORES)}")
+            raise ValueError(f"unknown score {self.kind!r};{did_you_mean(self.kind, SCORES)} scores: {', '.join(SCORES)}")
         positive_int("k", self.k)
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive; got {self.temperature}")

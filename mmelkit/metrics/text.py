@@ -29,14 +29,13 @@ Conventions for the text metrics:
 from __future__ import annotations
 
 import math
-import numbers
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from mmelkit.methods.base import positive_int
+from mmelkit._checks import positive_int, positive_number
 from mmelkit.metrics.scores import TextScore
 from mmelkit.models.adapter import ClipAdapter
 from mmelkit.models.images import as_image_list
@@ -85,12 +84,6 @@ def _references(index: int, entry: str | Sequence[str]) -> list[list[str]]:
     if bad:
         raise ValueError(f"references of sample {index} must be strings; got {type(bad[0]).__name__}")
     return [tokenize(ref) for ref in entry]
-
-
-def _positive_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
-    return float(value)
 
 
 # -- BLEU --------------------------------------------------------------------------------------------
@@ -197,7 +190,7 @@ def rouge_l_scores(candidates: Sequence[str], references: References, beta: floa
     evaluation instead combines the largest P and the largest R, which can differ). An LCS of 0
     (including an empty candidate or reference) scores 0.
     """
-    beta = _positive_number("beta", beta)
+    beta = positive_number("beta", beta)
     cand_tokens, ref_tokens = _corpus(candidates, references)
     return [max(_rouge_l_f(cand, ref, beta) for ref in refs) for cand, refs in zip(cand_tokens, ref_tokens, strict=True)]
 
@@ -228,7 +221,7 @@ def clip_score(
     Returns (N,) float32 on the model's device, each in [0, ``weight``]; its mean is the corpus
     CLIPScore.
     """
-    weight = _positive_number("weight", weight)
+    weight = positive_number("weight", weight)
     batch_size = positive_int("batch_size", batch_size)
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         raise ValueError(f"texts must be a sequence of strings (one per image); got {type(texts).__name__}")

@@ -49,6 +49,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from mmelkit._checks import positive_int
 from mmelkit.models.adapter import ClipAdapter
 from mmelkit.models.tracing import BlockSelection, resolve_blocks
 
@@ -301,8 +302,6 @@ def collect_activations(
     model's and the images' fingerprints, the sites and the layers, and read back (memory-mapped)
     when the same pass is asked again.
     """
-    from mmelkit.methods.base import positive_int  # the shared check (methods import models, not back)
-
     sites = _check_sites(sites)
     batch_size = positive_int("batch_size", batch_size)
     count = _num_images(images)

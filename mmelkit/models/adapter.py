@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmelkit._checks import image_batch
 from mmelkit.models.backend import ClipBackend, TextTokens
 from mmelkit.models.images import SizeSpec, preprocess_images
 from mmelkit.models.tracing import BlockSelection, ModelTrace, Tracer, resolve_blocks
@@ -112,11 +113,15 @@ class ClipAdapter:
         return self.backend.tokenize(texts, self.device)
 
     def as_pixels(self, images: Any) -> torch.Tensor:
-        """Model input for ``images``: 4-D float tensors pass through (moved to the model), the rest is
-        preprocessed at the default size."""
+        """Model input for ``images``: 4-D float tensors pass through (moved to the model, cast to its
+        dtype), the rest is preprocessed at the default size.
+
+        Model input is checked where it enters: an empty batch, a channel count other than 3 and NaN
+        or infinite values are errors naming ``images`` (a NaN pixel would turn every map and score
+        computed from it into NaN without a word). Raw images get the same refusal in
+        :func:`~mmelkit.models.images.to_float_image`."""
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.is_floating_point():
-            if images.shape[1] != 3:
-                raise ValueError(f"model input must have 3 channels; got shape {tuple(images.shape)}")
+            image_batch(images, name="images")
             self.grid(images)
             return images.to(self.device, self.dtype)
         return self.preprocess(images)

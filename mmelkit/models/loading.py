@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmelkit._checks import did_you_mean, float_dtype, readable
+from mmelkit._io import CorruptFileError
 from mmelkit.models.adapter import ClipAdapter
 from mmelkit.models.backend import ClipBackend
 
@@ -35,8 +37,6 @@ def _shipped(name: str) -> Callable[[], tuple[nn.Module, str | None]]:
     """Builder for a checkpoint shipped in data/models: <name>.json (config) + <name>.safetensors."""
 
     def build() -> tuple[nn.Module, str | None]:
-        from safetensors.torch import load_file
-
         from mmelkit.models.open_clip_backend import open_clip
 
         meta_path = DATA_DIR / "models" / f"{name}.json"
@@ -49,7 +49,7 @@ def _shipped(name: str) -> Callable[[], tuple[nn.Module, str | None]]:
         config = json.loads(meta_path.read_text())["model_config"]
         with torch.random.fork_rng(devices=[]):
             model = open_clip.CLIP(**config)
-        state = {k: v.float() for k, v in load_file(str(weights_path)).items()}
+        state = {k: v.float() for k, v in _load_state_dict(weights_path).items()}
         model.load_state_dict(state)
         return model, None
 
@@ -103,7 +103,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a device torch knows ({error}); use 'auto', 'cpu', 'cuda', "
+                         "'cuda:1' or 'mps'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} was asked for but CUDA is not available on this machine")
     return resolved
@@ -117,11 +121,24 @@ def _param_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The tensors of a checkpoint file. A file that cannot be read is an error naming it: missing,
+    a folder or unreadable (:func:`~mmelkit._checks.readable`), or truncated / not a checkpoint
+    (:class:`~mmelkit._io.CorruptFileError`, a ValueError) instead of the loader's own words."""
+    path = readable("checkpoint", path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # (gone or locked since the check) already names the path
+    except Exception as error:  # safetensors, zip, pickle and EOF errors all mean the same here
+        raise CorruptFileError(path, f"checkpoint {path} cannot be loaded: it is truncated, damaged or not a "
+                               f"checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(state, dict):
+        raise CorruptFileError(path, f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -130,6 +147,8 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _is_hf_dir(path: Path) -> bool:
+    if path.is_dir():
+        readable("model folder", path, folder=True)  # a locked folder: say so, not "unknown model"
     return path.is_dir() and (path / "config.json").is_file() and not (path / "open_clip_config.json").is_file()
 
 
@@ -162,6 +181,7 @@ def load_model(
     """
     if isinstance(spec, ClipAdapter):
         return spec
+    float_dtype("dtype", dtype)
     if isinstance(spec, nn.Module):
         return _wrap_user_model(spec, device=device, dtype=dtype, tokenizer=tokenizer)
 
@@ -239,7 +259,8 @@ def _build_backend(spec: str | dict, pretrained: Any, tokenizer: Any) -> tuple[C
     if "/" in spec and not Path(spec).exists():
         return _hf_backend(spec, tokenizer), f"hf:{spec}"
     raise ValueError(
-        f"unknown model {spec!r}. Use a short name ({', '.join(ZOO)}), an open_clip architecture "
+        f"unknown model {spec!r}.{did_you_mean(spec, [*ZOO, *open_clip.list_models()])} "
+        f"Use a short name ({', '.join(ZOO)}), an open_clip architecture "
         "(see open_clip.list_models()), a Hugging Face CLIP id or local directory, or a model object"
     )
 
@@ -248,7 +269,8 @@ def _open_clip_named(arch: str, pretrained: Any, tokenizer: Any) -> ClipBackend:
     from mmelkit.models.open_clip_backend import OpenClipBackend, open_clip
 
     if arch not in open_clip.list_models():
-        raise ValueError(f"open_clip has no architecture {arch!r}; see open_clip.list_models()")
+        raise ValueError(f"open_clip has no architecture {arch!r};{did_you_mean(arch, open_clip.list_models())} "
+                         "see open_clip.list_models()")
     if pretrained is None:
         warnings.warn(f"{arch}: no pretrained weights given, the model is randomly initialised", stacklevel=4)
     elif not Path(os.fspath(pretrained)).is_file():
@@ -275,9 +297,10 @@ def _open_clip_from_config(config: dict, pretrained: Any, tokenizer: Any) -> Cli
     model = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**config)
     if pretrained is not None:
         path = Path(os.fspath(pretrained))
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file {path} does not exist")
-        missing, unexpected = model.load_state_dict(_load_state_dict(path), strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(_load_state_dict(path), strict=False)
+        except RuntimeError as error:  # shapes differ: another architecture's weights
+            raise ValueError(f"checkpoint {path} does not match the config: {error}") from None
         if missing or unexpected:
             raise ValueError(
                 f"checkpoint {path} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"

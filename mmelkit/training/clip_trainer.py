@@ -1,16 +1,17 @@
 """Contrastive training of the embedded scene-world CLIP (``mmelkit train clip``).
 
 Resumable: every ``checkpoint_every`` steps the model, optimiser, schedule and step are written to
-``<out_dir>/last.pt``; a new run with the same ``out_dir`` and config continues from there. The data
-stream is a pure function of the step (scene ``step * batch + i``), so a resumed run sees exactly the
-scenes an uninterrupted one would have.
+``<out_dir>/last.pt`` (atomically); a new run with the same ``out_dir`` and config continues from
+there. The data stream is a pure function of the step (scene ``step * batch + i``) and nothing after
+the initialisation draws from a random generator (no dropout), so a resumed run sees exactly the
+scenes, and ends with exactly the weights, of an uninterrupted one. Ctrl-C / SIGTERM finish the
+current step and checkpoint it before stopping (see :mod:`mmelkit.training.resume`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,11 +22,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from mmelkit._checks import choice, non_negative_int, non_negative_number, positive_int
+from mmelkit._io import atomic_write_bytes
 from mmelkit.models.images import OPENAI_MEAN, OPENAI_STD
 from mmelkit.models.loading import resolve_device
 from mmelkit.models.open_clip_backend import open_clip
 from mmelkit.training.clip_data import CaptionMix, SceneCaptionPairs, collate, default_world
 from mmelkit.training.export import save_training_state
+from mmelkit.training.resume import GracefulStop, clean_run_folder, ignore_sigint, load_checkpoint, trim_log
 
 # The embedded model's architecture: an open_clip ViT (patch 8, 64 px) small enough to train on a
 # CPU in hours and on one GPU in minutes; open_clip's standard tokenizer and vocabulary.
@@ -55,6 +59,17 @@ class ClipTrainConfig:
     # start from these weights (a .safetensors export or a run's last.pt) instead of init_seed:
     # continued training, e.g. of the shipped model on fresh scenes at a lower learning rate
     init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        # checked here, before a run folder or a data loader exists: `--steps 0` used to train nothing
+        # and still write a checkpoint
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            positive_int(name, getattr(self, name))
+        for name in ("warmup_steps", "workers"):
+            non_negative_int(name, getattr(self, name))
+        for name in ("lr", "weight_decay"):  # lr 0 is allowed: a run that must not move the weights
+            non_negative_number(name, getattr(self, name))
+        choice("precision", self.precision, ("auto", "fp32", "bf16"))
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed (not steps: a run may be extended)."""
@@ -140,11 +155,11 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"no weights at {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from mmelkit.models.loading import _load_state_dict  # a damaged file: a CorruptFileError naming it
 
-        state = load_file(str(path))
+        state = _load_state_dict(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        state = load_checkpoint(path, required=("model",))["model"]
     return {key: value.float() for key, value in state.items()}
 
 
@@ -158,7 +173,9 @@ def train_clip(
     """Train (or resume) and return the path of the last checkpoint.
 
     ``max_seconds`` stops cleanly (checkpoint written) after that much wall time, so long CPU runs
-    can proceed in slices.
+    can proceed in slices. Ctrl-C / SIGTERM stop after the current step with a checkpoint of it and
+    raise :class:`~mmelkit.training.resume.TrainingInterrupted`; an unreadable ``last.pt`` raises
+    :class:`~mmelkit.training.resume.CorruptCheckpointError` (nothing is overwritten).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,8 +184,10 @@ def train_clip(
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98))
     start_step, elapsed = 0, 0.0
     checkpoint_path = out / "last.pt"
+    clean_run_folder(out, [checkpoint_path.name])
     if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=target, weights_only=False)
+        state = load_checkpoint(checkpoint_path, map_location=target,
+                                required=("fingerprint", "model", "optimizer", "step"))
         if state["fingerprint"] != config.fingerprint():
             raise ValueError(f"{checkpoint_path} was written with another config; use a new out_dir")
         model.load_state_dict(state["model"])
@@ -181,7 +200,7 @@ def train_clip(
         # keep the starting model's card facts: exporting may overwrite the file they came from
         parent_card = Path(config.init_from).with_suffix(".json")
         if parent_card.is_file() and not (out / "parent.json").exists():
-            shutil.copyfile(parent_card, out / "parent.json")
+            atomic_write_bytes(out / "parent.json", parent_card.read_bytes())
     pairs = SceneCaptionPairs(
         default_world(config.data_seed, config.model["vision_cfg"]["image_size"]),
         CaptionMix(config.object_captions, config.pair_captions),
@@ -195,12 +214,14 @@ def train_clip(
         pin_memory=target.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if config.workers else None,
+        worker_init_fn=ignore_sigint if config.workers else None,
     )
     tokens = TokenCache(open_clip.SimpleTokenizer(context_length=config.model["text_cfg"]["context_length"]), target)
     mean = torch.tensor(OPENAI_MEAN, device=target).view(1, 3, 1, 1) * 255
     std = torch.tensor(OPENAI_STD, device=target).view(1, 3, 1, 1) * 255
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and target.type == "cuda")
     log_path = out / "log.jsonl"
+    trim_log(log_path, start_step)  # lines a killed run logged after its last checkpoint come again
 
     def save(step: int) -> None:
         save_training_state(checkpoint_path, model, optimizer, step, elapsed + time.time() - started, config, target)
@@ -209,7 +230,7 @@ def train_clip(
     started = time.time()
     step = start_step
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc="train clip", unit="step")
-    with log_path.open("a") as log:
+    with GracefulStop() as stop, log_path.open("a") as log:
         for batch in loader:
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * _lr_factor(step, config)
@@ -238,9 +259,13 @@ def train_clip(
                 log.write(json.dumps({"step": step, "loss": value, "seconds": round(elapsed + time.time() - started, 1)}) + "\n")
                 log.flush()
             out_of_time = max_seconds is not None and time.time() - started > max_seconds
-            if step % config.checkpoint_every == 0 or step == config.steps or out_of_time:
+            if step % config.checkpoint_every == 0 or step == config.steps or out_of_time or stop.requested:
                 save(step)
+            if stop.requested:
+                bar.close()
+                stop.stop(step, checkpoint_path)
             if out_of_time:
                 break
     bar.close()
+    stop.stop(step, checkpoint_path)  # a signal that came after the last step's check still stops the caller
     return checkpoint_path

@@ -1,4 +1,8 @@
-"""Turn a training checkpoint into a shipped model: fp16 safetensors, config and model card."""
+"""Turn a training checkpoint into a shipped model: fp16 safetensors, config and model card.
+
+Every file is written atomically (:mod:`mmelkit._io`): an export or a checkpoint save that is
+interrupted leaves the previous file whole, never a truncated one that a later load trusts.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
+from mmelkit._io import atomic_torch_save, atomic_write_bytes, atomic_write_text, read_json
 from mmelkit.models.loading import DATA_DIR
+from mmelkit.training.resume import load_checkpoint
 
 MODELS_DIR = DATA_DIR / "models"
 
@@ -25,13 +31,13 @@ def export_clip(
 ) -> Path:
     """Write ``<name>.safetensors`` (fp16 weights), ``<name>.json`` (config, training facts and
     quality) and ``<name>.md`` (the model card) into ``out_dir``; return the weights' path."""
-    state = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint, required=("model", "config", "step"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # fp16 halves the file; the vocabulary embedding alone is most of the model.
     weights = {k: v.detach().to(torch.float16).contiguous() for k, v in state["model"].items()}
     weights_path = out / f"{name}.safetensors"
-    save_file(weights, str(weights_path))
+    atomic_write_bytes(weights_path, safetensors_bytes(weights))
     train = state["config"]
     meta = {
         "name": name,
@@ -51,8 +57,8 @@ def export_clip(
     parent = _parent_training(Path(checkpoint))
     if parent is not None:
         meta["training"]["parent"] = parent
-    (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (out / f"{name}.md").write_text(model_card(meta, weights_path.stat().st_size))
+    atomic_write_text(out / f"{name}.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / f"{name}.md", model_card(meta, weights_path.stat().st_size))
     return weights_path
 
 
@@ -66,7 +72,7 @@ def save_training_state(
     device: torch.device,
 ) -> None:
     """Write a resumable checkpoint (model, optimiser, step, wall time, config and its fingerprint,
-    hardware) atomically: written beside ``path`` and swapped in, so an interrupted save leaves the
+    hardware) atomically (:func:`mmelkit._io.atomic_torch_save`), so an interrupted save leaves the
     previous checkpoint intact. ``config`` is a trainer's config dataclass with ``fingerprint()``."""
     from dataclasses import asdict
 
@@ -79,9 +85,7 @@ def save_training_state(
         "fingerprint": config.fingerprint(),
         "hardware": describe_hardware(device),
     }
-    partial = path.with_suffix(".tmp")
-    torch.save(state, partial)
-    partial.replace(path)
+    atomic_torch_save(path, state)
 
 
 def describe_hardware(device: torch.device) -> str:
@@ -96,7 +100,7 @@ def _parent_training(checkpoint: Path) -> dict[str, Any] | None:
     path = checkpoint.parent / "parent.json"
     if not path.is_file():
         return None
-    parent = json.loads(path.read_text())
+    parent = read_json(path)
     return {**parent["training"], "quality": parent.get("quality", {})}
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmelkit._checks import positive_int
 from mmelkit.datasets.vqa import (
     POPE_SPLITS,
     QUESTION_KINDS,
@@ -107,8 +108,7 @@ def evaluate_pope(
     """POPE on each split (random, popular, adversarial) over ``images`` held-out scenes: the part of
     :func:`evaluate_vlm` that measures object hallucination, on its own. ``logits_hook``: a decoding
     option for :meth:`VlmAdapter.generate` (e.g. :class:`~mmelkit.methods.inference.VisualContrastiveDecoding`)."""
-    if not isinstance(images, int) or images < 1:
-        raise ValueError(f"images must be a positive integer; got {images!r}")
+    images = positive_int("images", images)
     config = config or VqaConfig()
     scenes = [held_out(config, seed=_POPE_SEED, length=images, kind="caption")[i].scene for i in range(images)]
     pope: dict[str, PopeScores] = {}
@@ -126,8 +126,7 @@ def evaluate_chair(
 ) -> ChairScores:
     """CHAIR on "describe the image ." captions of ``images`` held-out scenes (the caption part of
     :func:`evaluate_vlm`), optionally with a decoding option (``logits_hook``)."""
-    if not isinstance(images, int) or images < 1:
-        raise ValueError(f"images must be a positive integer; got {images!r}")
+    images = positive_int("images", images)
     config = config or VqaConfig()
     captions = [held_out(config, seed=_CHAIR_SEED, length=images, kind="caption")[i] for i in range(images)]
     said = _answers(vlm, captions, batch_size, max_new_tokens=24, logits_hook=logits_hook)
@@ -149,8 +148,7 @@ def evaluate_vlm(
 
     for name, value in (("per_kind", per_kind), ("pope_images", pope_images), ("caption_images", caption_images),
                         ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        positive_int(name, value)
     config = config or VqaConfig()
     accuracy: dict[str, float] = {}
     wrong: list[dict[str, str]] = []

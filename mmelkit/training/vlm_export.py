@@ -5,6 +5,10 @@ processor and tokenizer files): ``LlavaForConditionalGeneration.from_pretrained`
 ``LlavaProcessor.from_pretrained`` open it without mmelkit. Next to them, ``mmelkit.json`` holds the
 weights' SHA-256 (checked by ``load_vlm``), the training facts and the measured quality, and
 ``README.md`` is the model card.
+
+The folder is built beside its target (``<name>.partial``), synced to disk and renamed into place;
+files rewritten inside an exported folder are replaced atomically (:mod:`mmelkit._io`). An
+interrupted export therefore never leaves a folder whose weights and checksum disagree.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mmelkit._io import atomic_write_text, fsync_tree, read_json
 from mmelkit.models.vlm import scene_llava
 from mmelkit.models.vlm.loading import CHECKSUM_FILE, sha256_file
 from mmelkit.training.export import MODELS_DIR, describe_hardware
@@ -35,15 +40,19 @@ def export_vlm(
     """Write the model folder ``out_dir/name`` from a training checkpoint and return it.
 
     An existing folder is replaced only with ``overwrite=True`` (the new one is written beside it
-    and swapped in, so a failure leaves the old one intact)."""
+    and swapped in, so a failure leaves the old one intact; a kill between the two renames of the
+    swap leaves the old folder as ``<name>.old``: rename it back to restore it, or let the next
+    export delete it)."""
+    from mmelkit.training.resume import load_checkpoint as load_state
     from mmelkit.training.vlm_trainer import load_checkpoint
 
     target = Path(out_dir) / name
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True (CLI: --force) to replace it")
     model, config = load_checkpoint(checkpoint)
-    state = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
+    state = load_state(checkpoint, required=("config", "step"))
     staging = target.with_name(target.name + ".partial")
+    retired = target.with_name(target.name + ".old")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     scene_llava.build_processor(
@@ -66,19 +75,24 @@ def export_vlm(
     }
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (staging / "README.md").write_text(model_card(meta, (staging / WEIGHTS_FILE).stat().st_size))
+    fsync_tree(staging)
+    # A folder cannot be swapped in one atomic step: move the old one aside first, so that at no
+    # moment is the target a mix of both, and delete it only once the new one is in place.
+    shutil.rmtree(retired, ignore_errors=True)
     if target.exists():
-        shutil.rmtree(target)
+        target.replace(retired)
     staging.replace(target)
+    shutil.rmtree(retired, ignore_errors=True)
     return target
 
 
 def write_quality(folder: str | Path, quality: dict[str, Any]) -> None:
     """Record measured quality in an exported folder's ``mmelkit.json`` and model card."""
     folder = Path(folder)
-    meta = json.loads((folder / META_FILE).read_text())
+    meta = read_json(folder / META_FILE)
     meta["quality"] = quality
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(meta, (folder / WEIGHTS_FILE).stat().st_size))
+    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(folder / "README.md", model_card(meta, (folder / WEIGHTS_FILE).stat().st_size))
 
 
 def model_card(meta: dict[str, Any], size_bytes: int) -> str:

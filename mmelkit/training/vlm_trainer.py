@@ -6,9 +6,12 @@ the answer tokens and the closing ``</s>``, nothing on the prompt. The vision to
 ``scene-clip``'s and learns at a lower rate than the projector and decoder.
 
 Resumable and deterministic: batch ``s`` is questions ``[s * batch, (s + 1) * batch)`` of the
-training seed, so a resumed run sees what an uninterrupted one would; model, optimiser and step
-are written to ``<out_dir>/last.pt`` at the end of every epoch (``steps_per_epoch`` steps), and a
-run with the same out_dir and config continues from there (a longer ``steps`` extends it).
+training seed, and nothing after the initialisation draws from a random generator (no dropout), so
+a resumed run sees what an uninterrupted one would and ends with the same weights; model, optimiser
+and step are written (atomically) to ``<out_dir>/last.pt`` at the end of every epoch
+(``steps_per_epoch`` steps), and a run with the same out_dir and config continues from there (a
+longer ``steps`` extends it). Ctrl-C / SIGTERM finish the current step and checkpoint it before
+stopping (see :mod:`mmelkit.training.resume`).
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mmelkit._io import CorruptFileError
 from mmelkit.datasets.scenes import SceneConfig
 from mmelkit.datasets.vqa import ATTRIBUTE_STYLES, HELD_OUT_SEED, SceneQA, VqaConfig
 from mmelkit.models.images import OPENAI_MEAN, OPENAI_STD
 from mmelkit.models.loading import resolve_device
 from mmelkit.models.vlm import scene_llava
 from mmelkit.training.export import save_training_state
+from mmelkit.training.resume import GracefulStop, clean_run_folder, trim_log
+from mmelkit.training.resume import load_checkpoint as load_state
 
 MAX_TURNS = 8
 
@@ -224,12 +230,17 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
         # transformers renames keys on save (its checkpoint layout is not the module layout): let it load
+        from safetensors import SafetensorError
         from transformers import LlavaForConditionalGeneration
 
-        with quiet_transformers_loading():
-            state = LlavaForConditionalGeneration.from_pretrained(path).state_dict()
+        try:
+            with quiet_transformers_loading():
+                state = LlavaForConditionalGeneration.from_pretrained(path).state_dict()
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # truncated or damaged weights
+            raise CorruptFileError(path, f"the weights in {path} cannot be loaded: truncated, damaged or not a "
+                                   f"LLaVA model ({type(error).__name__}: {error})") from error
     elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        state = load_state(path, required=("model",))["model"]
     else:
         raise FileNotFoundError(f"no weights at {path}: give an exported model folder or a training last.pt")
     return {key: value.float() for key, value in state.items()}
@@ -277,7 +288,9 @@ def train_vlm(
     """Train (or resume) scene-llava and return the path of the last checkpoint (``last.pt``).
 
     ``max_seconds`` stops cleanly (checkpoint written) after that much wall time, so that a long CPU
-    run can proceed in slices across sessions.
+    run can proceed in slices across sessions. Ctrl-C / SIGTERM stop after the current step with a
+    checkpoint of it and raise :class:`~mmelkit.training.resume.TrainingInterrupted`; an unreadable
+    ``last.pt`` raises :class:`~mmelkit.training.resume.CorruptCheckpointError` (nothing is overwritten).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -287,8 +300,9 @@ def train_vlm(
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
     start_step, elapsed = 0, 0.0
     checkpoint_path = out / "last.pt"
+    clean_run_folder(out, [checkpoint_path.name])
     if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=target, weights_only=False)
+        state = load_state(checkpoint_path, map_location=target, required=("config", "model", "optimizer", "step"))
         # rebuilt from the stored config so that fields added since then take their defaults
         if VlmTrainConfig(**state["config"]).fingerprint() != config.fingerprint():
             raise ValueError(
@@ -307,6 +321,7 @@ def train_vlm(
     batcher = QuestionBatcher(scene_llava.build_tokenizer(), grid * grid, model.config.image_token_id, target)
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and target.type == "cuda")
     log_path = out / "log.jsonl"
+    trim_log(log_path, start_step)  # lines a killed run logged after its last checkpoint come again
     started = time.time()
 
     def save(step: int) -> None:
@@ -314,7 +329,8 @@ def train_vlm(
 
     model.train()
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc="train vlm", unit="step")
-    with log_path.open("a") as log:
+    done = start_step
+    with GracefulStop() as stop, log_path.open("a") as log:
         for step in range(start_step, config.steps):
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * group["lr_scale"] * _lr_factor(step, config)
@@ -338,12 +354,17 @@ def train_vlm(
                 log.write(json.dumps({"step": done, "loss": value, "seconds": seconds}) + "\n")
                 log.flush()
             out_of_time = max_seconds is not None and time.time() - started > max_seconds
-            if done % config.steps_per_epoch == 0 or done == config.steps or out_of_time:
+            if done % config.steps_per_epoch == 0 or done == config.steps or out_of_time or stop.requested:
                 save(done)
+            if stop.requested:
+                bar.close()
+                model.eval()
+                stop.stop(done, checkpoint_path)
             if out_of_time:
                 break
     bar.close()
     model.eval()
+    stop.stop(done, checkpoint_path)  # a signal that came after the last step's check still stops the caller
     return checkpoint_path
 
 
@@ -352,7 +373,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no training checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_state(path, required=("config", "model"))
     config = VlmTrainConfig(**state["config"])
     model = new_model(VlmTrainConfig(**{**state["config"], "vision_from_scene_clip": False, "init_from": None}))
     model.load_state_dict(state["model"])

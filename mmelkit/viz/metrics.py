@@ -8,6 +8,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from mmelkit._io import atomic_write_text
 from mmelkit.metrics.registry import METRICS
 
 
@@ -136,8 +137,9 @@ def bench_figures(result: Any) -> list[go.Figure]:
 
 
 def write_figures(figures: list[go.Figure], path: str | Path) -> Path:
-    """All figures in one self-contained HTML file (plotly.js inlined once: it opens offline)."""
+    """All figures in one self-contained HTML file (plotly.js inlined once: it opens offline),
+    written atomically (an interrupted write leaves the previous file)."""
     path = Path(path)
     parts = [figure.to_html(full_html=False, include_plotlyjs=(n == 0)) for n, figure in enumerate(figures)]
-    path.write_text("<html><head><meta charset='utf-8'></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    atomic_write_text(path, "<html><head><meta charset='utf-8'></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
     return path

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmelkit.methods.base import positive_int, register_tool
+from mmelkit._checks import positive_int
+from mmelkit.methods.base import register_tool
 from mmelkit.methods.embedding.residual_decomposition import ResidualDecomposition, decompose_image
 from mmelkit.models.adapter import ClipAdapter
 

@@ -10,6 +10,15 @@ unit text embedding says how much of the image-text similarity that head draws f
 normalised to [0, 1]. One forward pass, no gradients. The paper shows single heads' maps; the
 default here sums all heads of the last two blocks, where direct effects concentrate.
 
+How it is computed: the final norm is linearised at each image's own ``std`` (see
+:func:`~mmelkit.methods.embedding.residual_decomposition.linearised_head`), so the dot product with
+the text is linear in the head term, and the text is carried back into each head's value space
+first: ``<c_{l,h,t}, text> = A_h[CLS, t] * <v_{h,t}, u_{l,h}>`` with
+``u_{l,h} = W_o[:, h]^T centre(gamma * (proj @ text) / std)`` (times the block's LayerScale gain and
+open_clip's head scale, when present). That is the decomposition's per-token terms dotted with the
+text, without building them (N x blocks x H x T x E floats); only the chosen blocks are traced with
+attention probabilities, the others keep the model's fused attention.
+
 Parameters: ``layers`` the blocks (``"last<k>"``, "all", an int or ints, negative ones counting
 from the last block; default ``"last2"``), ``heads`` the heads within each chosen block (None: all; an int
 or ints, negative ones from the last head).
@@ -23,11 +32,11 @@ from typing import Any
 import torch
 
 from mmelkit.methods.base import Explanation, Method, normalise_maps, pair_inputs, register, text_features
-from mmelkit.methods.embedding.residual_decomposition import decompose_image
-from mmelkit.models.adapter import TextLike
+from mmelkit.methods.embedding.residual_decomposition import _model_parts, _refuse_active_dropout
+from mmelkit.models.adapter import ClipAdapter, TextLike
 from mmelkit.models.tracing import resolve_blocks
 
-_CHUNK = 16  # images decomposed at a time
+_CHUNK = 64  # images traced at a time (each chosen block keeps its attention probabilities)
 
 
 def resolve_layers(layers: Any, depth: int) -> list[int]:
@@ -77,15 +86,50 @@ class HeadTextMap(Method):
         layers = resolve_layers(self.params["layers"], model.num_image_blocks)
         pixels, tokens = pair_inputs(model, images, texts)
         targets = text_features(model, tokens).float()  # (N, E), unit length
-        parts = []
-        # A few images at a time: the token terms are (n, blocks, H, T, E) floats.
-        for start in range(0, len(pixels), _CHUNK):
-            rows = slice(start, start + _CHUNK)
-            decomposition = decompose_image(model, pixels[rows], tokens=True, layers=layers, batch_size=_CHUNK)
-            heads = resolve_heads(self.params["heads"], decomposition.num_heads)
-            with torch.no_grad():
-                chosen = decomposition.head_tokens[:, :, heads, 1:, :]  # (n, B_sel, H_sel, P, E): patches only
-                scores = torch.einsum("nlhpe,ne->np", chosen, targets[rows])
-            parts.append(scores.clamp_min(0).reshape(-1, *decomposition.grid))
-        maps = normalise_maps(torch.cat(parts)).to(model.dtype)
+        parts = [
+            head_patch_scores(model, pixels[start : start + _CHUNK], targets[start : start + _CHUNK], layers,
+                              self.params["heads"])
+            for start in range(0, len(pixels), _CHUNK)
+        ]
+        grid = model.grid(pixels)
+        maps = normalise_maps(torch.cat(parts).clamp_min(0).reshape(-1, *grid)).to(model.dtype)
         return Explanation(maps, tuple(pixels.shape[-2:]), self.name, dict(self.params), tokens.texts)
+
+
+def head_patch_scores(
+    model: ClipAdapter, pixels: torch.Tensor, targets: torch.Tensor, layers: list[int], heads: Any
+) -> torch.Tensor:
+    """sum over the chosen blocks and heads of <c_{l,h,t}, target> for every patch t: (n, P) float32.
+
+    ``targets`` (n, E) unit text embeddings, one per image; ``layers`` sorted block indices;
+    ``heads`` as :func:`resolve_heads` takes them. Equal to the decomposition's token terms
+    (``decompose_image(..., tokens=True)``) dotted with the targets, up to float rounding."""
+    head, blocks = _model_parts(model)
+    _refuse_active_dropout(model)
+    last = model.num_image_blocks - 1
+    with torch.no_grad():
+        with model.trace(image_blocks=sorted(set(layers) | {last}), attention_probs=True) as trace:
+            model.encode_image(pixels, normalize=False)
+        final = trace.image[last].tokens_out[:, 0].float()  # (n, D): what the final norm reads
+        std = torch.sqrt(final.var(dim=-1, unbiased=False) + head.eps)
+        # <((c - mean c) * gamma / std) @ proj, t> = <c, centre(gamma * (proj @ t) / std)>
+        direction = targets.float() @ head.projection.T if head.projection is not None else targets.float()
+        if head.norm_weight is not None:
+            direction = direction * head.norm_weight
+        direction = direction / std[:, None]
+        direction = direction - direction.mean(dim=-1, keepdim=True)  # (n, D)
+        total = None
+        for index in layers:
+            record, block = trace.image[index], blocks[index]
+            values, probs = record.v, record.attn  # (n, H, T, d), (n, H, T, T)
+            chosen = resolve_heads(heads, values.shape[1])
+            width, head_dim = block.out_weight.shape[0], values.shape[-1]
+            per_head_weight = block.out_weight.reshape(width, values.shape[1], head_dim)[:, chosen]  # (D, H', d)
+            gained = direction * block.attention_gain if block.attention_gain is not None else direction
+            read = torch.einsum("nD,Dhd->nhd", gained, per_head_weight)  # the text in each head's value space
+            if block.head_scale is not None:
+                read = read * block.head_scale[chosen][None, :, None]
+            along = torch.einsum("nhtd,nhd->nht", values[:, chosen].float(), read)  # <v_{h,t}, u_h>
+            scores = (probs[:, chosen, 0, :].float() * along).sum(dim=1)  # (n, T)
+            total = scores if total is None else total + scores
+    return total[:, record.num_prefix_tokens :]

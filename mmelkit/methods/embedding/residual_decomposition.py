@@ -41,7 +41,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmelkit.methods.base import positive_int, register_tool
+from mmelkit._checks import positive_int
+from mmelkit.methods.base import register_tool
 from mmelkit.models.adapter import ClipAdapter
 from mmelkit.models.tracing import BlockSelection, BlockTrace, resolve_blocks
 
@@ -268,6 +269,13 @@ def linearised_head(
 ) -> torch.Tensor:
     """Residual components ``(N, ..., D)`` through the final norm linearised at per-image ``std``
     ``(N,)``: ``((c - mean(c)) * norm_weight / std) @ projection`` -> ``(N, ..., E)``."""
+    if std.shape != components.shape[:1]:
+        raise ValueError(f"std must hold one value per image, shape ({components.shape[0]},); got {tuple(std.shape)}")
+    width = components.shape[-1]
+    if norm_weight is not None and norm_weight.shape != (width,):
+        raise ValueError(f"norm_weight must be ({width},) like the components' last axis; got {tuple(norm_weight.shape)}")
+    if projection is not None and (projection.ndim != 2 or projection.shape[0] != width):
+        raise ValueError(f"projection must be ({width}, E); got {tuple(projection.shape)}")
     centred = components - components.mean(dim=-1, keepdim=True)
     scaled = centred / std.reshape(-1, *([1] * (components.dim() - 1)))
     if norm_weight is not None:

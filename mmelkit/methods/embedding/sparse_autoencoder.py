@@ -59,6 +59,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mmelkit._checks import did_you_mean, feature_matrix, positive_int
+from mmelkit._io import load_torch
 from mmelkit.datasets.concepts import ConceptTable
 from mmelkit.methods.base import register_tool
 
@@ -144,8 +146,7 @@ class TopKSAE(nn.Module):
 
 def _check_sizes(input_dim: int, n_features: int, k: int) -> None:
     for name, value in (("input_dim", input_dim), ("n_features", n_features), ("k", k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        positive_int(name, value)
     if k > n_features:
         raise ValueError(f"k ({k}) cannot exceed n_features ({n_features}): a code keeps k of the features")
 
@@ -187,9 +188,7 @@ class SaeConfig:
     def validate(self) -> None:
         _check_sizes(1, self.n_features, self.k)
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "dead_after_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SaeConfig.{name} must be an integer >= 1; got {value!r}")
+            positive_int(f"SaeConfig.{name}", getattr(self, name))
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             raise ValueError(f"SaeConfig.seed must be a non-negative integer; got {self.seed!r}")
         for name in ("lr", "grad_clip"):
@@ -250,18 +249,7 @@ class SaeResult:
 
 
 def _check_activations(activations: Any, name: str = "activations") -> torch.Tensor:
-    if not isinstance(activations, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (N, d); got {type(activations).__name__}")
-    if activations.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (N, d); got shape {tuple(activations.shape)}")
-    if activations.shape[0] == 0 or activations.shape[1] == 0:
-        raise ValueError(f"{name} are empty: shape {tuple(activations.shape)}")
-    if not activations.is_floating_point():
-        raise TypeError(f"{name} must be floating point; got {activations.dtype}")
-    if not bool(torch.isfinite(activations).all()):
-        bad = int((~torch.isfinite(activations)).any(dim=1).sum())
-        raise ValueError(f"{name} hold NaN or infinite values in {bad} of {activations.shape[0]} rows")
-    return activations
+    return feature_matrix(name, activations)
 
 
 @torch.no_grad()
@@ -320,7 +308,7 @@ def _save_atomically(state: dict[str, Any], path: Path) -> None:
 
 
 def _load_checkpoint(path: Path, config: SaeConfig, signature: list[float], device: torch.device) -> dict[str, Any]:
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = load_torch(path, map_location=device)  # a damaged file is a CorruptFileError naming it
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a top-k SAE checkpoint written by train_sae")
     saved_dim, now_dim = int(state["signature"][1]), int(signature[1])
@@ -707,8 +695,7 @@ def score_dictionary(
     activations = _check_activations(activations)
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1); got {level!r}")
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 1:
-        raise ValueError(f"bootstrap must be an integer >= 1; got {bootstrap!r}")
+    positive_int("bootstrap", bootstrap)
     if activations.shape[1] != sae.input_dim:
         raise ValueError(f"the SAE reads {sae.input_dim}-dimensional activations; "
                          f"these are {activations.shape[1]}-dimensional")
@@ -731,8 +718,7 @@ def score_dictionary(
     alive = score_codes("sae", sae)
     score_codes("random_sae", random_sae_like(sae, seed))
     count = int(alive.sum()) if n_random is None else n_random
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"n_random must be an integer >= 1; got {n_random!r}")
+    positive_int("n_random", count)
     # input_scale is a scalar, so the decoder columns are directions in the activations' own space
     random_rows = random_directions(count, sae.input_dim, seed, evaluated.device)
     components = pca_directions(evaluated if pca_fit is None else pca_fit.to(evaluated.device, torch.float32), count)
@@ -786,7 +772,8 @@ def site_activations(
                                    progress=progress)
         return acts["embedding", None]
     if site not in _LAYERED_SITES:
-        raise ValueError(f"unknown site {site!r}; sites: embedding, {', '.join(_LAYERED_SITES)}")
+        raise ValueError(f"unknown site {site!r};{did_you_mean(site, ['embedding', *_LAYERED_SITES])} sites: "
+                         f"embedding, {', '.join(_LAYERED_SITES)}")
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise ValueError(f"site {site!r} needs an integer layer; got {layer!r}")
     acts = collect_activations(model, images, sites=(site,), layers=[layer], batch_size=batch_size, cache=cache,

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmelkit.methods.base import positive_int, register_tool
+from mmelkit._checks import positive_int
+from mmelkit.methods.base import register_tool
 from mmelkit.models.adapter import ClipAdapter
 
 __all__ = [

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
+from mmelkit._checks import positive_int, same_device
 from mmelkit.datasets.scenes import COLOURS, NUMBER_WORDS, SHAPES
-from mmelkit.methods.base import positive_int, register_tool
+from mmelkit.methods.base import register_tool
 from mmelkit.methods.embedding.residual_decomposition import ResidualDecomposition
 from mmelkit.models.adapter import ClipAdapter
 from mmelkit.models.tracing import BlockSelection, resolve_blocks
@@ -130,6 +131,7 @@ def text_span(
         raise ValueError(f"text_features have width {text_features.shape[1]}; head_outputs have {width}")
     if text_features.shape[0] != len(texts):
         raise ValueError(f"{len(texts)} texts for {text_features.shape[0]} text features")
+    same_device(head_outputs=head_outputs, text_features=text_features)
     if num_images < 2:
         raise ValueError(f"TextSpan needs the outputs of at least 2 images to have a variance; got {num_images}")
     if m > len(texts):

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mmelkit._checks import non_negative_number, probability, same_device
+
 if TYPE_CHECKING:
     from mmelkit.models.vlm.adapter import VlmAdapter
     from mmelkit.models.vlm.records import DecodeStep, DecodeStream
@@ -31,6 +33,7 @@ def vcd_logits(clean: torch.Tensor, distorted: torch.Tensor, alpha: float = 1.0,
     """(1 + alpha) * clean - alpha * distorted, -inf where softmax(clean) < beta * its maximum."""
     if clean.shape != distorted.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and distorted {tuple(distorted.shape)} logits differ in shape")
+    same_device(clean=clean, distorted=distorted)
     probs = clean.float().softmax(dim=-1)
     plausible = probs >= beta * probs.amax(dim=-1, keepdim=True)
     contrasted = (1 + alpha) * clean.float() - alpha * distorted.float()
@@ -40,8 +43,7 @@ def vcd_logits(clean: torch.Tensor, distorted: torch.Tensor, alpha: float = 1.0,
 def distort_pixels(pixels: torch.Tensor, noise: float = 0.5, seed: int = 0) -> torch.Tensor:
     """sqrt(1 - noise) * pixels + sqrt(noise) * eps, eps ~ N(0, 1) of one image's shape (seeded,
     the same for every row), computed on the pixels' device and dtype."""
-    if not 0.0 <= noise <= 1.0:
-        raise ValueError(f"noise is the share of variance replaced by noise, in [0, 1]; got {noise}")
+    noise = probability("noise", noise)  # the share of variance replaced by noise
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     eps = torch.randn(pixels.shape[1:], generator=generator, dtype=torch.float32)
     eps = eps.to(pixels.device, pixels.dtype)[None]
@@ -52,13 +54,9 @@ class VisualContrastiveDecoding:
     """A ``logits_hook``: contrast each step's logits with a distorted image's (see the module doc)."""
 
     def __init__(self, vlm: VlmAdapter, alpha: float = 1.0, beta: float = 0.1, noise: float = 0.5, seed: int = 0) -> None:
-        if alpha < 0:
-            raise ValueError(f"alpha must be non-negative; got {alpha}")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must lie in [0, 1]; got {beta}")
-        if not 0.0 <= noise <= 1.0:
-            raise ValueError(f"noise is the share of variance replaced by noise, in [0, 1]; got {noise}")
-        self.vlm, self.alpha, self.beta, self.noise, self.seed = vlm, float(alpha), float(beta), float(noise), int(seed)
+        alpha, beta = non_negative_number("alpha", alpha), probability("beta", beta)
+        noise = probability("noise", noise)  # the share of variance replaced by noise
+        self.vlm, self.alpha, self.beta, self.noise, self.seed = vlm, alpha, beta, noise, int(seed)
         self._stream: DecodeStream | None = None
 
     def __call__(self, logits: torch.Tensor, step: DecodeStep) -> torch.Tensor:

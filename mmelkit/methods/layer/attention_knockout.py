@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from mmelkit._checks import positive_int
 from mmelkit.methods.answers import AnswerTarget, chunked_rows, target_score
-from mmelkit.methods.base import positive_int, register_tool
+from mmelkit.methods.base import register_tool
 from mmelkit.models.vlm.adapter import VlmAdapter
 from mmelkit.models.vlm.tracing import attention_implementation
 
@@ -42,6 +43,10 @@ class KnockoutResult:
 def knocked_out(vlm: VlmAdapter, blocked: dict[int, torch.Tensor]) -> Iterator[None]:
     """While open, decoder layer l's attention ignores the (query, key) edges where
     ``blocked[l]`` (N, L, L) bool is True (for the N rows of the batch run inside)."""
+    depth = vlm.num_decoder_layers
+    outside = [layer for layer in blocked if not -depth <= int(layer) < depth]
+    if outside:
+        raise IndexError(f"blocked names decoder layer(s) {outside}; the decoder has {depth} layers")
     handles = []
 
     def hook_for(mask: torch.Tensor) -> Any:

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from mmelkit._checks import positive_int
 from mmelkit.methods.answers import AnswerTarget, chunked_rows, clean_visual_tokens, target_score
-from mmelkit.methods.base import positive_int, register_tool
+from mmelkit.methods.base import register_tool
 from mmelkit.models.vlm.adapter import VlmAdapter
 
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from mmelkit._checks import positive_int
 from mmelkit.methods.answers import AnswerTarget
-from mmelkit.methods.base import positive_int, register_tool
+from mmelkit.methods.base import register_tool
 from mmelkit.models.vlm.adapter import VlmAdapter
 
 

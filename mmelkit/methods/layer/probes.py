@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from mmelkit._checks import did_you_mean, finite, positive_int
 from mmelkit.datasets.concepts import PROBE_TASKS, ProbeData, probe_task
-from mmelkit.methods.base import positive_int, register_tool
+from mmelkit.methods.base import register_tool
 from mmelkit.models.activations import Activations, collect_activations
 from mmelkit.models.adapter import ClipAdapter
 from mmelkit.models.tracing import BlockSelection
@@ -56,8 +57,7 @@ def _check_xy(features: torch.Tensor, labels: torch.Tensor, num_classes: int | N
         raise ValueError(f"features must be (N, D) and labels (N,); got {tuple(features.shape)} and {tuple(labels.shape)}")
     if len(features) < 2:
         raise ValueError("a probe needs at least 2 examples")
-    if not torch.isfinite(features).all():
-        raise ValueError("features hold NaN or inf")
+    finite("features", features)
     if labels.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or labels.min() < 0:
         raise ValueError("labels must be non-negative integer class indices")
     classes = int(labels.max()) + 1 if num_classes is None else positive_int("num_classes", num_classes)
@@ -197,7 +197,8 @@ def layer_probes(
     positive_int("test_count", test_count)
     unknown = [t for t in tasks if t not in PROBE_TASKS]
     if unknown or not tasks:
-        raise ValueError(f"unknown or no probe tasks {list(tasks)}; tasks: {', '.join(PROBE_TASKS)}")
+        hints = "".join(did_you_mean(task, PROBE_TASKS) for task in unknown)
+        raise ValueError(f"unknown or no probe tasks {list(tasks)};{hints} tasks: {', '.join(PROBE_TASKS)}")
     bad_sites = [s for s in sites if s not in PROBE_SITES]
     if bad_sites or not sites:
         raise ValueError(f"probe sites must be among {PROBE_SITES}; got {list(sites)}")

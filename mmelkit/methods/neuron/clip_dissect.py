@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmelkit.methods.base import positive_int, register_tool
+from mmelkit._checks import did_you_mean, positive_int
+from mmelkit.methods.base import register_tool
 from mmelkit.models.adapter import ClipAdapter
 
 __all__ = [
@@ -226,7 +227,8 @@ def label_neurons(
         scores = cos_cubed(activations, similarity)
         params = {}
     else:
-        raise ValueError(f"unknown labelling method {method!r}; methods: {', '.join(LABEL_METHODS)}")
+        raise ValueError(f"unknown labelling method {method!r};{did_you_mean(method, LABEL_METHODS)} methods: "
+                         f"{', '.join(LABEL_METHODS)}")
     index = scores.argmax(dim=1)  # torch.argmax returns the first maximum: ties go to the earlier concept
     labels = [concept_names[i] for i in index.tolist()]
     return NeuronLabels(labels, index, scores, method, concept_names, params=params)

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from mmelkit._checks import positive_int
 from mmelkit.methods.answers import AnswerTarget, VlmMethod, chunked_rows, clean_visual_tokens, target_score
-from mmelkit.methods.base import positive_int, register
+from mmelkit.methods.base import register
 from mmelkit.models.vlm.adapter import VlmAdapter
 
 

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmelkit._checks import positive_int
 from mmelkit.methods.base import (
     Explanation,
     Method,
     normalise_maps,
     pair_inputs,
-    positive_int,
     register,
     text_features,
 )

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
+from mmelkit._checks import did_you_mean, positive_int
 from mmelkit.methods.base import (
     Method,
     TextExplanation,
     pair_inputs,
     paired_cosine,
-    positive_int,
     register,
     text_layout,
 )
@@ -51,7 +51,7 @@ def baseline_embeddings(model: ClipAdapter, tokens: TextTokens, content: torch.T
             pad = torch.full_like(tokens.ids, model.pad_token_id)
             replacement = model.token_embeddings(TextTokens(pad, tokens.attention_mask, tokens.eos_index))
         else:
-            raise ValueError(f"baseline must be 'zero' or 'pad'; got {kind!r}")
+            raise ValueError(f"baseline must be 'zero' or 'pad'; got {kind!r}." + did_you_mean(kind, ("zero", "pad")))
         return torch.where(content[:, :, None], replacement, embeddings)
 
 

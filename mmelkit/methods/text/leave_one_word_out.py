@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
+from mmelkit._checks import positive_int
 from mmelkit.methods.base import (
     Method,
     TextExplanation,
     TextLayout,
     pair_inputs,
     paired_cosine,
-    positive_int,
     register,
     text_layout,
 )

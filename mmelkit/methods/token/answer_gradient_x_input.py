@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from mmelkit._checks import did_you_mean
 from mmelkit.methods.answers import SIGNS, AnswerTarget, VlmMethod, clean_visual_tokens, signed, target_score
 from mmelkit.methods.base import register
 from mmelkit.models.vlm.adapter import VlmAdapter
@@ -33,7 +34,8 @@ class AnswerGradientXInput(VlmMethod):
 
     def visual_values(self, target: AnswerTarget) -> torch.Tensor:
         if self.params["sign"] not in SIGNS:
-            raise ValueError(f"sign must be one of {SIGNS}; got {self.params['sign']!r}")
+            raise ValueError(f"sign must be one of {SIGNS}; got {self.params['sign']!r}."
+                             + did_you_mean(self.params["sign"], SIGNS))
         visual = clean_visual_tokens(self.vlm, target)
         grad = visual_gradient(self.vlm, target, visual)
         return signed((grad * visual.float()).sum(dim=-1), self.params["sign"])

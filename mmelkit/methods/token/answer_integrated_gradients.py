@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from mmelkit._checks import did_you_mean, positive_int
 from mmelkit.methods.answers import SIGNS, AnswerTarget, VlmMethod, chunked_rows, clean_visual_tokens, signed
-from mmelkit.methods.base import positive_int, register
+from mmelkit.methods.base import register
 from mmelkit.methods.token.answer_gradient_x_input import visual_gradient
 from mmelkit.models.vlm.adapter import VlmAdapter
 
@@ -63,7 +64,8 @@ class AnswerIntegratedGradients(VlmMethod):
 
     def visual_values(self, target: AnswerTarget) -> torch.Tensor:
         if self.params["sign"] not in SIGNS:
-            raise ValueError(f"sign must be one of {SIGNS}; got {self.params['sign']!r}")
+            raise ValueError(f"sign must be one of {SIGNS}; got {self.params['sign']!r}."
+                             + did_you_mean(self.params["sign"], SIGNS))
         attribution = answer_integrated_gradients(
             self.vlm, target, self.params["steps"], self.params["baseline"], self.params["batch_size"]
         )

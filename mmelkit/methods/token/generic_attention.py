@@ -32,7 +32,10 @@ class GenericAttention(Method):
 
     def explain(self, images: Any, texts: TextLike) -> Explanation:
         model = self.model
-        start = int(self.params["start_layer"]) % model.num_image_blocks
+        start, depth = int(self.params["start_layer"]), model.num_image_blocks
+        if not -depth <= start < depth:  # a modulo would wrap a typo into some other block silently
+            raise IndexError(f"start_layer {start} is out of range: the image tower has {depth} blocks")
+        start %= depth
         pixels, tokens = pair_inputs(model, images, texts)
         targets = text_features(model, tokens)
         blocks = list(range(start, model.num_image_blocks))

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmelkit._checks import did_you_mean
 from mmelkit.methods.base import (
     Explanation,
     Method,
@@ -34,7 +35,8 @@ class GradCAM(Method):
         model = self.model
         where = self.params["where"]
         if where not in ("input", "output"):
-            raise ValueError(f"where must be 'input' or 'output' (of the block); got {where!r}")
+            raise ValueError(f"where must be 'input' or 'output' (of the block); got {where!r}."
+                             + did_you_mean(where, ("input", "output")))
         block = int(self.params["block"])
         pixels, tokens = pair_inputs(model, images, texts)
         targets = text_features(model, tokens)

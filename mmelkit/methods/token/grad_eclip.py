@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmelkit._checks import did_you_mean
 from mmelkit.methods.base import (
     Explanation,
     Method,
@@ -80,7 +81,7 @@ class GradECLIP(Method):
             raise ValueError(f"layers must lie in 1..{model.num_image_blocks}; got {layers}")
         mode = self.params["mode"]
         if mode not in ("faithful", "official"):
-            raise ValueError(f"mode must be 'faithful' or 'official'; got {mode!r}")
+            raise ValueError(f"mode must be 'faithful' or 'official'; got {mode!r}." + did_you_mean(mode, ("faithful", "official")))
         official = mode == "official"
         pixels, tokens = pair_inputs(model, images, texts)
         targets = text_features(model, tokens)

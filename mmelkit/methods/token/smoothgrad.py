@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
+from mmelkit._checks import positive_int
 from mmelkit.methods.base import (
     Explanation,
     Method,
     normalise_maps,
     pair_inputs,
-    positive_int,
     register,
     text_features,
 )

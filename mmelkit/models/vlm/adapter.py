@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mmelkit._checks import positive_int
 from mmelkit.models.images import OPENAI_MEAN, OPENAI_STD, as_image_list, preprocess_images
 from mmelkit.models.tracing import BlockSelection
 from mmelkit.models.vlm.records import (
@@ -435,9 +436,8 @@ class VlmAdapter:
         Each row stops at its eos; ``stop_at_eos=False`` runs all ``max_new_tokens`` steps (for
         timing). ``logits_hook(logits, step)`` may replace the next-token logits (N, vocab) before
         the argmax (contrastive decoding; see :class:`DecodeStep`)."""
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
-        size = _positive(batch_size, "batch_size")
+        max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
+        size = positive_int("batch_size", batch_size)
         source, prompts = self._pairs(images, questions, template)
         chunks = [range(start, min(start + size, len(prompts))) for start in range(0, len(prompts), size)]
         parts: list[Decoded] = []
@@ -520,7 +520,7 @@ class VlmAdapter:
         """log p(answer token | image, prompt, earlier answer tokens) for every answer token (the eos
         included unless ``eos=False``), by teacher forcing, ``batch_size`` rows per forward pass.
         Differentiable when called with gradients enabled."""
-        size = _positive(batch_size, "batch_size")
+        size = positive_int("batch_size", batch_size)
         source, prompts = self._pairs(images, prompts_or_questions, template)
         answer_list = self._answers(answers, len(prompts))
         assert answer_list is not None
@@ -642,12 +642,6 @@ def _strings(texts: Any, what: str) -> list[str]:
     if bad:
         raise TypeError(f"{what} must be strings; got {type(bad[0]).__name__}")
     return listed
-
-
-def _positive(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return value
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

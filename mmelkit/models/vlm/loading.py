@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmelkit._checks import did_you_mean, float_dtype, readable
+from mmelkit._io import CorruptFileError
 from mmelkit.models import loading
 from mmelkit.models.loading import resolve_device
 from mmelkit.models.vlm.adapter import VlmAdapter
@@ -102,6 +104,7 @@ def load_vlm(
     """
     if isinstance(spec, VlmAdapter):
         return spec
+    float_dtype("dtype", dtype)
     if isinstance(spec, nn.Module):
         return _wrap_user_model(spec, processor, device=device, dtype=dtype)
     if not isinstance(spec, (str, os.PathLike)) or not os.fspath(spec):
@@ -122,7 +125,8 @@ def load_vlm(
         if not folder.is_dir():
             what = "is a file, not a save_pretrained folder" if folder.exists() else "does not exist"
             raise ValueError(
-                f"unknown VLM {name!r}: not a short name ({', '.join(VLM_ZOO)}) and {folder} {what}. "
+                f"unknown VLM {name!r}:{did_you_mean(name, VLM_ZOO)} not a short name ({', '.join(VLM_ZOO)}) and "
+                f"{folder} {what}. "
                 "mmelkit never downloads models: save one with save_pretrained and pass its folder"
             )
     model, loaded_processor = _load_folder(folder)
@@ -172,10 +176,18 @@ def verify_checksums(folder: Path) -> None:
 
 
 def _load_folder(folder: Path) -> tuple[nn.Module, Any]:
+    """Model and processor of a ``save_pretrained`` folder. Whatever is wrong with the folder (locked,
+    no or broken config.json, unreadable or truncated weights) is an error naming the folder and the
+    file, not transformers' report of a missing or undecodable weight file."""
+    readable("VLM folder", folder, folder=True)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: it is not a save_pretrained model folder")
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    try:
+        config = json.loads(readable("config", config_path).read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptFileError(config_path, f"{config_path} is not valid JSON ({error})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "llava":
         raise ValueError(
             f"{folder} holds a model of model_type {model_type!r} (config.json); load_vlm needs a LLaVA model "
@@ -183,8 +195,16 @@ def _load_folder(folder: Path) -> tuple[nn.Module, Any]:
         )
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    with quiet_transformers_loading():
-        model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32)
+    for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        readable("weights", weights)
+    from safetensors import SafetensorError
+
+    try:
+        with quiet_transformers_loading():
+            model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise CorruptFileError(folder, f"the VLM in {folder} cannot be loaded: its weights are truncated, damaged "
+                               f"or do not fit config.json ({type(error).__name__}: {error})") from error
     processor: Any = None
     try:
         processor = AutoProcessor.from_pretrained(str(folder))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmelkit._checks import positive_int
 from mmelkit.datasets.shortcut import ShortcutConfig, ShortcutTask, Split
 
 
@@ -120,8 +121,7 @@ class MeglSplit:
 
 def build_split(config: ShortcutConfig, split: Split, size: int, seed: int = 0) -> MeglSplit:
     """Draw samples 0..size-1 of ``ShortcutTask(config, split, seed)`` into tensors (on the CPU)."""
-    if size < 1:
-        raise ValueError(f"size must be at least 1; got {size}")
+    size = positive_int("size", size)
     task = ShortcutTask(config, split, seed, size)
     samples = [task[i] for i in range(size)]
     raw = np.stack([s.scene.image for s in samples])
@@ -157,6 +157,7 @@ def pseudo_masks(clip: Any, images: Sequence[np.ndarray] | np.ndarray, rationale
 
     if len(images) != len(rationales):
         raise ValueError(f"{len(images)} images but {len(rationales)} rationales")
+    positive_int("batch_size", batch_size)
     maps = []
     for start in range(0, len(images), batch_size):
         chunk = [np.asarray(image) for image in images[start : start + batch_size]]

@@ -20,6 +20,7 @@ deviation per configuration.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mmelkit._checks import output_folder, positive_int
+from mmelkit._io import atomic_write_text
 from mmelkit.metrics.localisation import energy_pointing_game, mask_iou, pointing_game
 from mmelkit.metrics.text import bleu, clip_score, rouge_l
 from mmelkit.models.loading import resolve_device
@@ -72,6 +75,7 @@ def predict_and_explain(model: MeglModel, split: MeglSplit, batch_size: int = 25
 
 def generate_rationales(model: MeglModel, split: MeglSplit, batch_size: int = 256) -> list[str]:
     """Greedy rationales for every image (grounded generators see the image times its Grad-CAM)."""
+    positive_int("batch_size", batch_size)
     if model.generator is None:
         raise ValueError(f"configuration {model.config.name!r} has no rationale generator (text_weight is 0)")
     texts: list[str] = []
@@ -94,6 +98,7 @@ def generate_rationales(model: MeglModel, split: MeglSplit, batch_size: int = 25
 def evaluate_megl(model: MeglModel, test: MeglSplit, debiased: MeglSplit, clip: Any | None = None,
                   batch_size: int = 256) -> dict[str, float]:
     """All :data:`METRICS` of one model (rationale metrics NaN without a generator; CLIPScore NaN without ``clip``)."""
+    positive_int("batch_size", batch_size)
     model.eval()
     num_classes = len(model.config.task().classes)
     results: dict[str, float] = {}
@@ -155,16 +160,17 @@ class StudyResult:
         return "\n".join(lines)
 
     def write(self, out_dir: str | Path) -> Path:
-        """``runs.csv`` (per run), ``summary.json`` and ``table.md`` under ``out_dir``."""
+        """``runs.csv`` (per run), ``summary.json`` and ``table.md`` under ``out_dir``, each atomically."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "runs.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        (out / "summary.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
+        runs = io.StringIO(newline="")
+        writer = csv.DictWriter(runs, fieldnames=list(self.rows[0]))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(out / "runs.csv", runs.getvalue())
+        atomic_write_text(out / "summary.json", json.dumps(self.summary(), indent=2) + "\n")
         notes = "\n".join(f"- `{name}`: {PRESET_NOTES.get(name, 'custom configuration')}" for name in self.configs())
-        (out / "table.md").write_text(self.table() + "\n\n" + notes + "\n")
+        atomic_write_text(out / "table.md", self.table() + "\n\n" + notes + "\n")
         return out
 
 
@@ -210,6 +216,11 @@ def megl_study(
         raise ValueError("give at least one configuration")
     if not seeds:
         raise ValueError("give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds repeat: {list(seeds)}")
+    positive_int("eval_size", eval_size)
+    if out_dir is not None:
+        output_folder("out_dir", out_dir)
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"configuration names must be unique; got {names}")

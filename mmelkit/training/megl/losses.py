@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from mmelkit._checks import same_device
+
 AttentionTerm = Literal["l1", "gradia", "haics", "rrr"]
 ATTENTION_TERMS: tuple[str, ...] = ("l1", "gradia", "haics", "rrr")
 
@@ -33,6 +35,7 @@ ATTENTION_TERMS: tuple[str, ...] = ("l1", "gradia", "haics", "rrr")
 def _check_pair(maps: torch.Tensor, masks: torch.Tensor) -> None:
     if maps.shape != masks.shape or maps.dim() != 3:
         raise ValueError(f"maps and masks must both be (N, H, W); got {tuple(maps.shape)} and {tuple(masks.shape)}")
+    same_device(maps=maps, masks=masks)  # a loss must not copy a batch across devices behind the caller's back
 
 
 def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmelkit._checks import image_batch, non_negative_int, positive_int
 from mmelkit.training.classifier import conv_body
 
 CamTarget = Literal["logit", "log_prob"]
@@ -44,12 +45,19 @@ class ExplainableClassifier(nn.Module):
         return self.classify(self.features(images))
 
 
+def _check_classes(num_classes: int) -> None:
+    if positive_int("num_classes", num_classes) < 2:
+        raise ValueError(f"num_classes must be at least 2 (one class leaves nothing to tell apart); got {num_classes}")
+
+
 class ConvClassifier(ExplainableClassifier):
     """Three conv blocks (two 2x2 poolings, so the map is 1/4 of the image) and a linear head on the
     global average; the same shape as the plain shortcut classifier of the data-level chapter."""
 
     def __init__(self, num_classes: int, width: int = 32) -> None:
         super().__init__()
+        _check_classes(num_classes)
+        positive_int("width", width)
         self.feature_dim = 2 * width
         self.body = conv_body(width)
         self.head = nn.Linear(2 * width, num_classes)
@@ -99,6 +107,10 @@ class ViTClassifier(ExplainableClassifier):
     def __init__(self, num_classes: int, image_size: int, width: int = 64, patch: int = 4,
                  depth: int = 3, heads: int = 4) -> None:
         super().__init__()
+        _check_classes(num_classes)
+        for name, value in (("image_size", image_size), ("width", width), ("patch", patch), ("heads", heads)):
+            positive_int(name, value)
+        non_negative_int("depth", depth)  # no blocks: each token sees its own patch only
         if image_size % patch:
             raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch}")
         self.feature_dim = width
@@ -169,6 +181,7 @@ def grad_cam(
 
 def input_gradients(model: ExplainableClassifier, images: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
     """d(sum_k log p_k)/d(images), the quantity Right-for-the-Right-Reasons penalises (Ross et al. 2017)."""
+    image_batch(images)  # NaN pixels would train on NaN gradients without a word
     with torch.enable_grad():
         inputs = images if images.requires_grad else images.detach().requires_grad_(True)
         log_probs = F.log_softmax(model(inputs), dim=1)
@@ -192,6 +205,9 @@ class RationaleGenerator(nn.Module):
 
     def __init__(self, vocab_size: int, feature_dim: int, grounded: bool, hidden: int = 128, grid: int = 4) -> None:
         super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("feature_dim", feature_dim), ("hidden", hidden),
+                            ("grid", grid)):
+            positive_int(name, value)
         self.grounded = grounded
         self.vocab_size = vocab_size
         self.from_features = nn.Linear(feature_dim, hidden)

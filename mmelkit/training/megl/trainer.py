@@ -3,8 +3,11 @@
 One :class:`MeglConfig` says which losses are on and with what weight; :data:`PRESETS` names the
 configurations the chapter compares. :func:`train_megl` trains one configuration for one seed,
 resumably: ``<out_dir>/last.pt`` every ``checkpoint_every`` steps, ``<out_dir>/model.pt`` at the
-end (a finished run is loaded, not retrained). The batch of step ``t`` is a pure function of
-``(seed, t)``, so a resumed run sees exactly the batches an uninterrupted one would have.
+end (a finished run is loaded, not retrained), both written atomically. The batch of step ``t`` is
+a pure function of ``(seed, t)`` and no step draws from a random generator, so a resumed run sees
+exactly the batches an uninterrupted one would have and ends with the same weights. Ctrl-C /
+SIGTERM finish the current step and checkpoint it before stopping (see
+:mod:`mmelkit.training.resume`).
 
 The total loss (SPEC section 3)::
 
@@ -28,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mmelkit._checks import did_you_mean, non_negative_number, output_folder, positive_int, readable
+from mmelkit._io import atomic_torch_save, atomic_write_text
 from mmelkit.datasets.shortcut import ShortcutConfig
-from mmelkit.methods.base import positive_int
 from mmelkit.models.loading import resolve_device
 from mmelkit.training.megl import losses
 from mmelkit.training.megl.data import MeglSplit, RationaleVocab
@@ -41,6 +45,7 @@ from mmelkit.training.megl.models import (
     highlight,
     input_gradients,
 )
+from mmelkit.training.resume import STOP_SIGNALS, GracefulStop, clean_run_folder, load_checkpoint
 
 CHECKPOINT_VERSION = 1
 
@@ -83,8 +88,7 @@ class MeglConfig:
         if self.arch not in ("cnn", "vit"):
             raise ValueError(f"arch must be 'cnn' or 'vit'; got {self.arch!r}")
         for name in ("visual_weight", "text_weight", "tsv_weight", "dc_weight", "lr"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be non-negative; got {getattr(self, name)}")
+            non_negative_number(name, getattr(self, name))
         for name in ("image_size", "train_size", "width", "steps", "batch_size", "checkpoint_every"):
             positive_int(name, getattr(self, name))
         if self.image_size % 4:
@@ -160,7 +164,7 @@ def preset(which: str, /, **overrides: Any) -> MeglConfig:
     """The named configuration (see :data:`PRESETS`), with any field overridden (``name`` too)."""
     table = _preset_table()
     if which not in table:
-        raise ValueError(f"unknown MEGL preset {which!r}; choose from {list(table)}")
+        raise ValueError(f"unknown MEGL preset {which!r};{did_you_mean(which, table)} choose from {list(table)}")
     return MeglConfig(**{**table[which], "name": which, **overrides})
 
 
@@ -265,14 +269,16 @@ def _save(path: Path, model: MeglModel, optimizer: torch.optim.Optimizer, step: 
         "history": model.history,
         "seconds": model.seconds,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    atomic_torch_save(path, state)
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    return load_checkpoint(path, required=("version", "step", "classifier"), what="MEGL checkpoint")
 
 
 def load_megl(path: str | Path, device: str | torch.device = "auto") -> MeglModel:
     """A trained model from ``model.pt`` (or a ``last.pt`` checkpoint)."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=False)
+    state = _load_state(readable("MEGL checkpoint", path))
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path} is not a MEGL checkpoint of version {CHECKPOINT_VERSION}")
     values = dict(state["config"])
@@ -296,9 +302,13 @@ def train_megl(
     """Train ``config`` on ``train`` (a :class:`MeglSplit`, with pseudo-masks if the config uses them).
 
     With ``out_dir`` the run checkpoints there and resumes; a finished run (``model.pt`` of this
-    configuration) is loaded instead of trained again, or trained on when ``steps`` grew."""
+    configuration) is loaded instead of trained again, or trained on when ``steps`` grew. With
+    ``out_dir``, Ctrl-C / SIGTERM stop after the current step with a checkpoint of it and raise
+    :class:`~mmelkit.training.resume.TrainingInterrupted` (without one there is nothing to keep, and
+    Ctrl-C stops at once); an unreadable checkpoint raises
+    :class:`~mmelkit.training.resume.CorruptCheckpointError`."""
     target = resolve_device(device)
-    out = Path(out_dir) if out_dir is not None else None
+    out = output_folder("out_dir", out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     if config.uses_pseudo_masks and train.pseudo_masks is None:
@@ -307,23 +317,31 @@ def train_megl(
     parameters = list(model.classifier.parameters()) + ([] if model.generator is None else list(model.generator.parameters()))
     optimizer = torch.optim.Adam(parameters, lr=config.lr)
     start = 0
-    # Resume from the interrupted run's last.pt, else extend a finished model.pt (both keep the optimiser).
-    for name in ("last.pt", "model.pt") if out is not None else ():
-        assert out is not None
-        if not (out / name).exists():
-            continue
-        state = torch.load(out / name, map_location="cpu", weights_only=False)
-        if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != config.fingerprint():
-            raise ValueError(f"{out / name} belongs to another configuration; use another out_dir or delete it")
-        if int(state["step"]) > config.steps:
-            raise ValueError(f"{out / name} has trained {state['step']} steps, more than the {config.steps} asked for")
+    # Resume from the interrupted run's last.pt, or extend a finished model.pt (both keep the
+    # optimiser): whichever went further. A last.pt behind model.pt is stale (a run killed between
+    # writing model.pt and deleting last.pt) and goes.
+    found: list[tuple[int, bool, Path, dict[str, Any]]] = []
+    if out is not None:
+        clean_run_folder(out, ["last.pt", "model.pt"])
+        for name in ("last.pt", "model.pt"):
+            if not (out / name).exists():
+                continue
+            state = _load_state(out / name)
+            if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != config.fingerprint():
+                raise ValueError(f"{out / name} belongs to another configuration; use another out_dir or delete it")
+            found.append((int(state["step"]), name == "model.pt", out / name, state))
+    if found:
+        step_done, _, path, state = max(found, key=lambda entry: entry[:2])
+        if step_done > config.steps:
+            raise ValueError(f"{path} has trained {step_done} steps, more than the {config.steps} asked for")
         model.classifier.load_state_dict(state["classifier"])
         if model.generator is not None:
             model.generator.load_state_dict(state["generator"])
         if state.get("optimizer") is not None:  # (runs of an earlier version finished without it)
             optimizer.load_state_dict(state["optimizer"])
-        start, model.history, model.seconds = int(state["step"]), list(state["history"]), float(state["seconds"])
-        break
+        start, model.history, model.seconds = step_done, list(state["history"]), float(state["seconds"])
+        if path.name == "model.pt" and out is not None:
+            (out / "last.pt").unlink(missing_ok=True)
     if start == config.steps:
         return model.eval()
     data = train.to(target)
@@ -335,24 +353,31 @@ def train_megl(
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
                desc=f"train {config.name} (seed {config.seed})")
     began = time.perf_counter()
-    for step in bar:
-        batch = data.take(batch_indices(config, step, len(data), target), host_fields=False)
-        loss, parts = megl_loss(model, batch, priors)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % log_every == 0 or step == config.steps - 1:
-            model.history.append({"step": step, **parts})
-            bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
-        if out is not None and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            model.seconds += time.perf_counter() - began
-            began = time.perf_counter()
-            _save(out / "last.pt", model, optimizer, step + 1)
-    model.seconds += time.perf_counter() - began
-    if out is not None:
-        _save(out / "model.pt", model, optimizer, config.steps)
-        (out / "config.json").write_text(json.dumps(asdict(model.config), indent=2) + "\n")
-        (out / "last.pt").unlink(missing_ok=True)
+    with GracefulStop(STOP_SIGNALS if out is not None else ()) as stop:
+        for step in bar:
+            batch = data.take(batch_indices(config, step, len(data), target), host_fields=False)
+            loss, parts = megl_loss(model, batch, priors)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % log_every == 0 or step == config.steps - 1:
+                model.history.append({"step": step, **parts})
+                bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
+            done = step + 1
+            if out is not None and done < config.steps and (done % config.checkpoint_every == 0 or stop.requested):
+                model.seconds += time.perf_counter() - began
+                began = time.perf_counter()
+                _save(out / "last.pt", model, optimizer, done)
+                if stop.requested:
+                    bar.close()
+                    stop.stop(done, out / "last.pt")
+        model.seconds += time.perf_counter() - began
+        if out is not None:
+            _save(out / "model.pt", model, optimizer, config.steps)
+            atomic_write_text(out / "config.json", json.dumps(asdict(model.config), indent=2) + "\n")
+            (out / "last.pt").unlink(missing_ok=True)
+    # a signal during the last step or the final save: the run is complete, but the caller stops
+    stop.stop(config.steps, None if out is None else out / "model.pt")
     return model.eval()
 
 
