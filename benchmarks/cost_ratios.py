@@ -822,14 +822,7 @@ def select_methods(text: str, vlm: bool) -> tuple[list[str], list[str]]:
 
 def method_params(methods: Sequence[str], args: argparse.Namespace, reduced: bool) -> dict[str, dict[str, Any]]:
     params: dict[str, dict[str, Any]] = {m: dict(CPU_PARAMS.get(m, {})) if reduced else {} for m in methods}
-    for method, name, value in args.param:
-        if method not in params:
-            raise SystemExit(f"--param {method}.{name}: {method} is not among the measured methods")
-        if name not in get_method(method).defaults:
-            raise SystemExit(f"--param {method}.{name}: {method} has no parameter {name!r}; "
-                             f"parameters: {sorted(get_method(method).defaults)}")
-        params[method][name] = value
-    return params
+    return explain_speed.apply_params(params, args.param)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

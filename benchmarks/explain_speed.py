@@ -405,11 +405,10 @@ def resolve_methods(text: str) -> list[str]:
     return methods
 
 
-def method_params(methods: Sequence[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    params: dict[str, dict[str, Any]] = {m: {} for m in methods}
-    if "rise" in params:
-        params["rise"]["masks"] = args.rise_masks
-    for method, name, value in args.param:
+def apply_params(params: dict[str, dict[str, Any]], given: Sequence[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
+    """Put ``--param METHOD.NAME=VALUE`` settings into ``params`` (method -> its parameters), refusing
+    a method not measured or a parameter the method does not have. Shared by the speed benchmarks."""
+    for method, name, value in given:
         if method not in params:
             raise SystemExit(f"--param {method}.{name}: {method} is not among the benchmarked methods")
         if name not in get_method(method).defaults:
@@ -417,6 +416,13 @@ def method_params(methods: Sequence[str], args: argparse.Namespace) -> dict[str,
                              f"parameters: {sorted(get_method(method).defaults)}")
         params[method][name] = value
     return params
+
+
+def method_params(methods: Sequence[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    params: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    if "rise" in params:
+        params["rise"]["masks"] = args.rise_masks
+    return apply_params(params, args.param)
 
 
 def dtype_support(name: str, device: torch.device, model_spec: str) -> str | None:
