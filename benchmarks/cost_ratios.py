@@ -206,6 +206,8 @@ EXPLANATIONS: dict[str, str] = {
 BELOW_BOUND: dict[str, str] = {
     "occlusion": "below 1: the method's passes hold one pair's windows (64 here), which run faster per image on "
                  "this CPU than the bound's passes of batch_size (256)",
+    "rise": "below 1: the method's passes hold one image's masks (125 here), which run faster per image on this "
+            "CPU than the bound's passes of batch_size (250)",
     "generic_attention": "below 1: its backward stops at block 0's attention probabilities, the bound's at that "
                          "block's input (one more attention backward and qkv projection)",
 }
