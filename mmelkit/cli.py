@@ -483,6 +483,8 @@ def _train_vlm(args: argparse.Namespace) -> int:
     try:
         checkpoint = train_vlm(config, out, device=args.device, progress=not args.quiet,
                                max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    except CorruptFileError:  # a damaged checkpoint is a failure (exit 1), as in the other trainers
+        raise
     except (ValueError, FileNotFoundError) as error:  # a checkpoint of another config in OUT, no init weights
         print(f"mmelkit train vlm: {error}", file=sys.stderr)
         return EXIT_USAGE

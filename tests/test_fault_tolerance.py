@@ -662,3 +662,8 @@ def test_a_truncated_checkpoint_is_refused_with_the_way_back(tmp_path: Path, cap
     assert main(["train", "clip", "--out", str(cli_run), "--steps", "1", "--workers", "0", "--quiet"]) == 1
     assert str(cli_run / "last.pt") in capsys.readouterr().err
     assert (cli_run / "last.pt").read_bytes() == before
+    vlm_cli_run = tmp_path / "cli-vlm"
+    before = _truncated_checkpoint(vlm_cli_run / "last.pt")
+    assert main(["train", "vlm", "--out", str(vlm_cli_run), "--steps", "1", "--quiet"]) == 1
+    assert str(vlm_cli_run / "last.pt") in capsys.readouterr().err
+    assert (vlm_cli_run / "last.pt").read_bytes() == before

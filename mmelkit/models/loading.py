@@ -281,11 +281,12 @@ def _open_clip_named(arch: str, pretrained: Any, tokenizer: Any) -> ClipBackend:
             )
     try:
         model = open_clip.create_model(arch, pretrained=os.fspath(pretrained) if pretrained else None)
-    except Exception as error:  # downloads fail offline: say so plainly
-        raise RuntimeError(
-            f"could not load open_clip {arch} with pretrained={pretrained!r}: {error}. mmelkit never downloads "
-            "weights itself; a tag needs open_clip's cache or the network, a file path always works"
-        ) from error
+    except Exception as error:  # a damaged local file, or a tag that cannot be fetched offline
+        if pretrained and Path(os.fspath(pretrained)).is_file():
+            hint = "the file exists but could not be read as this architecture's weights (truncated, or another model's?)"
+        else:
+            hint = "mmelkit never downloads weights itself; a tag needs open_clip's cache or the network"
+        raise RuntimeError(f"could not load open_clip {arch} with pretrained={pretrained!r}: {error}. {hint}") from error
     return OpenClipBackend(model, tokenizer=tokenizer, name=arch)
 
 
@@ -316,10 +317,12 @@ def _hf_backend(name_or_dir: str, tokenizer: Any) -> ClipBackend:
     try:
         model = CLIPModel.from_pretrained(name_or_dir)
     except Exception as error:
-        raise RuntimeError(
-            f"could not load Hugging Face CLIP {name_or_dir!r}: {error}. mmelkit never downloads weights itself; "
-            "use a local directory (save_pretrained) or a model in the Hugging Face cache"
-        ) from error
+        if Path(name_or_dir).is_dir():  # a local folder: its files are damaged or missing, nothing to fetch
+            hint = "the folder exists but its config or weights could not be read (truncated or incomplete files?)"
+        else:
+            hint = ("mmelkit never downloads weights itself; use a local directory (save_pretrained) or a model "
+                    "in the Hugging Face cache")
+        raise RuntimeError(f"could not load Hugging Face CLIP {name_or_dir!r}: {error}. {hint}") from error
     image_processor = None
     if tokenizer is None:
         tokenizer, image_processor = _hf_processors(name_or_dir)
