@@ -10,6 +10,7 @@ from torch import nn
 
 import mmelkit
 from mmelkit.methods.architecture import MaskCLIP
+from mmelkit.methods.architecture.maskclip import value_path_embeddings
 from mmelkit.methods.perturbation import Occlusion
 from mmelkit.methods.perturbation.occlusion import window_drops
 
@@ -90,3 +91,36 @@ def test_occlusion_rejects_bad_windows(images: torch.Tensor) -> None:
     model = mmelkit.load_model(make_open_clip(seed=5), device="cpu")
     with pytest.raises(ValueError, match="window"):
         Occlusion(model, window=99).explain(images, TEXTS)
+
+
+@pytest.mark.parametrize("inner_norm", [False, True])
+def test_value_path_equals_the_attention_of_a_token_that_sees_only_itself(
+    images: torch.Tensor, inner_norm: bool
+) -> None:
+    """Oracle: a sequence of one token attends only to itself, so open_clip's own attention module,
+    run on each patch token alone, must give the value path (head scale and inner norm included)."""
+    model = make_open_clip("custom", seed=3)
+    visual = model.visual.transformer.resblocks
+    with torch.no_grad():
+        for block in visual:
+            block.attn.head_scale.copy_(torch.linspace(0.3, 2.0, block.attn.head_scale.numel()).view_as(block.attn.head_scale))
+            if inner_norm:  # open_clip's scale_attn_inner: a LayerNorm over the concatenated heads
+                width = block.attn.out_proj.in_features
+                block.attn.ln_inner = nn.LayerNorm(width)
+                block.attn.ln_inner.weight.copy_(torch.linspace(0.5, 1.5, width))
+                block.attn.ln_inner.bias.copy_(torch.linspace(-0.2, 0.2, width))
+    adapter = mmelkit.load_model(model, device="cpu")
+    pixels = adapter.preprocess(images)
+    with torch.no_grad():
+        with adapter.trace(image_blocks=[-1]) as trace:
+            adapter.encode_image(pixels)
+        record = trace.image[-1]
+        fast = value_path_embeddings(adapter, record)  # (N, P, E)
+        last = visual[-1]
+        patches = record.tokens_in[:, record.num_prefix_tokens :]  # (N, P, D)
+        alone = last.attn(last.ln_1(patches.reshape(-1, 1, patches.shape[-1])))  # each token its own sequence
+        expected = adapter.project_image_tokens(alone.reshape(patches.shape))
+    torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-4)
+    # The old path (out_proj of the concatenated values alone) misses the head scale: it must differ.
+    plain = adapter.project_image_tokens(last.attn.out_proj(record.v[:, :, record.num_prefix_tokens :].transpose(1, 2).flatten(2)))
+    assert (plain - expected).abs().max() > 1e-3

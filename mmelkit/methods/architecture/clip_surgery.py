@@ -43,30 +43,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from mmelkit.methods.architecture.maskclip import attention_output
 from mmelkit.methods.base import Explanation, Method, normalise_maps, pair_inputs, register, text_features
 from mmelkit.models.adapter import TextLike
 from mmelkit.models.backend import TextTokens
 
 DEFAULT_BACKGROUND_TEXTS: tuple[str, ...] = ("", "a photo", "an image", "a picture of something")
-
-
-def attention_output(attention: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
-    """The attention module's steps after the attention itself: (N, H, L, d) -> (N, L, D).
-
-    Per-head scale (open_clip ``head_scale``), heads concatenated, inner norm (open_clip
-    ``ln_inner``), output projection. Plain ``nn.MultiheadAttention`` and Hugging Face
-    ``CLIPAttention`` have only the output projection.
-    """
-    head_scale = getattr(attention, "head_scale", None)
-    if head_scale is not None:
-        heads_out = heads_out * head_scale
-    merged = heads_out.transpose(1, 2).flatten(2)
-    ln_inner = getattr(attention, "ln_inner", None)
-    if ln_inner is not None:
-        merged = ln_inner(merged)
-    return attention.out_proj(merged)
 
 
 def value_value_attention(values: torch.Tensor) -> torch.Tensor:

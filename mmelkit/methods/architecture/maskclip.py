@@ -12,19 +12,38 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mmelkit.methods.base import Explanation, Method, normalise_maps, pair_inputs, register, text_features
 from mmelkit.models.adapter import ClipAdapter, TextLike
 from mmelkit.models.tracing import BlockTrace
 
 
+def attention_output(attention: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
+    """The attention module's steps after the attention itself: (N, H, L, d) -> (N, L, D).
+
+    Per-head scale (open_clip ``head_scale``), heads concatenated, inner norm (open_clip
+    ``ln_inner``), output projection. Plain ``nn.MultiheadAttention`` and Hugging Face
+    ``CLIPAttention`` have only the output projection.
+    """
+    head_scale = getattr(attention, "head_scale", None)
+    if head_scale is not None:
+        heads_out = heads_out * head_scale
+    merged = heads_out.transpose(1, 2).flatten(2)
+    ln_inner = getattr(attention, "ln_inner", None)
+    if ln_inner is not None:
+        merged = ln_inner(merged)
+    return attention.out_proj(merged)
+
+
 def value_path_embeddings(model: ClipAdapter, record: BlockTrace) -> torch.Tensor:
     """Per-patch embeddings of a traced image block's value path, proj(LN_post(v_i W_o + b_o)):
-    (N, P, E), unnormalised. The values skip the attention's mixing, so each keeps its patch."""
-    out_proj = model.backend.image_tower().attentions[record.index].out_proj
+    (N, P, E), unnormalised. The values skip the attention's mixing, so each keeps its patch; every
+    step the module takes after the mixing (head scale, inner norm, output projection) still applies,
+    so the path equals the attention's output for a token that attends only to itself."""
+    attention = model.backend.image_tower().attentions[record.index]
     values = record.v[:, :, record.num_prefix_tokens :]  # (N, H, P, d)
-    merged = values.transpose(1, 2).flatten(2)  # (N, P, D): heads concatenated, as attn_out is
-    return model.project_image_tokens(out_proj(merged))
+    return model.project_image_tokens(attention_output(attention, values))
 
 
 @register

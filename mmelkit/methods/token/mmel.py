@@ -23,7 +23,8 @@ block's value path, z_i = v_i W_o + b_o, the tokens MaskCLIP showed keep each pa
 with ``"output"`` they are the block's output tokens, which the last attention has already mixed
 across the image. On scene-clip (pointing game, 300 validation scenes of seed 77, not the
 reporting seed) "output" made MMEL point worse than its own per-layer maps (66.7% against 88.0%
-without alignment) while "value" kept it close (86.3%); ``mmelkit eval pointing`` reports both.
+without alignment) while "value" kept it close (86.3%); pass ``alignment_tokens="output"`` to
+reproduce the SPEC's reading.
 
 The paper states a limitation worth testing: scenes with more than 10 objects weaken it.
 """
@@ -223,6 +224,9 @@ class MMEL(Method):
         """Fit theta on held-out pairs by minimising the deletion-style objective
         mean_n [S(I * (1 - m)) - S(I * m)] + mu * mean |m|, with m the upsampled final map.
 
+        The penalty is the mean of |m| over pixels (SPEC's ||m||_1 divided by H * W), so one ``mu``
+        means the same at every image size.
+
         Only theta is trained (Adam, ``lr``); the model stays frozen and unchanged. The fitted
         weights are stored on this method (``self.theta``) and returned for saving.
         """
@@ -252,7 +256,7 @@ class MMEL(Method):
             theta=self.theta.tolist(),
             layers=int(self.params["layers"]),
             model=model.name,
-            objective=f"S(I*(1-m)) - S(I*m) + {mu} * |m|_1",
+            objective=f"mean_n[S(I*(1-m)) - S(I*m)] + {mu} * mean_pixels |m|",
             pairs=len(parts.pixels),
             iterations=int(iterations),
             history=history,
