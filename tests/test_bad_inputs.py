@@ -570,6 +570,10 @@ TABLE += [
         k.masks.float(), k.masks.float()), ValueError, r"masks must be a bool tensor; got torch.float32"),
     E(f"{MET}.mask_iou", "threshold above 1", lambda k, u: metrics.mask_iou(k.masks.float(), k.masks, threshold=2.0),
       ValueError, r"threshold must be a number in \(0, 1\]; got 2\.0"),
+    E(f"{MET}.mask_precision", "top_fraction above 1", lambda k, u: metrics.mask_precision(
+        k.masks.float(), k.masks, top_fraction=1.5), ValueError, r"top_fraction"),
+    E(f"{MET}.mask_recall", "empty mask", lambda k, u: metrics.mask_recall(
+        k.masks.float(), torch.zeros_like(k.masks)), ValueError, r"at least one pixel"),
     E(f"{MET}.mask_auroc", "maps and masks of different sizes", lambda k, u: metrics.mask_auroc(
         torch.rand(2, 16, 16), k.masks), ValueError, r"maps \(2, 16, 16\) and masks \(2, 32, 32\)"),
     E(f"{MET}.mask_auroc", "NaN in a map", lambda k, u: metrics.mask_auroc(

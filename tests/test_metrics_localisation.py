@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from mmelkit.metrics import box_masks, energy_pointing_game, mask_auroc, mask_iou, pointing_game
+from mmelkit.metrics import (
+    box_masks,
+    energy_pointing_game,
+    mask_auroc,
+    mask_iou,
+    mask_precision,
+    mask_recall,
+    pointing_game,
+)
 from mmelkit.metrics.localisation import grow_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,20 +55,31 @@ def ref_energy(values: np.ndarray, mask: np.ndarray) -> float:
     return sum(max(v, 0.0) for v, m in zip(flat, on, strict=True) if m) / total
 
 
-def ref_iou(values: np.ndarray, mask: np.ndarray, threshold: float, top_fraction: float | None) -> float:
-    flat, on = values.ravel().astype(np.float64).tolist(), mask.ravel().tolist()
+def ref_kept(values: np.ndarray, threshold: float, top_fraction: float | None) -> list[bool]:
+    """The binarised map, pixel by pixel, in plain Python."""
+    flat = values.ravel().astype(np.float64).tolist()
     if top_fraction is None:
         low, high = min(flat), max(flat)
         normalised = [(v - low) / (high - low) if high > low else 0.0 for v in flat]
-        kept = [v >= threshold for v in normalised]
-    else:
-        count = max(1, round(top_fraction * len(flat)))
-        order = sorted(range(len(flat)), key=lambda i: -flat[i])  # stable: earlier pixel first
-        chosen = set(order[:count])
-        kept = [i in chosen for i in range(len(flat))]
+        return [v >= threshold for v in normalised]
+    count = max(1, round(top_fraction * len(flat)))
+    order = sorted(range(len(flat)), key=lambda i: -flat[i])  # stable: earlier pixel first
+    chosen = set(order[:count])
+    return [i in chosen for i in range(len(flat))]
+
+
+def ref_iou(values: np.ndarray, mask: np.ndarray, threshold: float, top_fraction: float | None) -> float:
+    kept, on = ref_kept(values, threshold, top_fraction), mask.ravel().tolist()
     intersection = sum(k and m for k, m in zip(kept, on, strict=True))
     union = sum(k or m for k, m in zip(kept, on, strict=True))
     return intersection / union
+
+
+def ref_precision_recall(values: np.ndarray, mask: np.ndarray, threshold: float,
+                         top_fraction: float | None) -> tuple[float, float]:
+    kept, on = ref_kept(values, threshold, top_fraction), mask.ravel().tolist()
+    hits = sum(k and m for k, m in zip(kept, on, strict=True))
+    return (hits / sum(kept) if any(kept) else 0.0), hits / sum(on)
 
 
 def ref_auroc(values: np.ndarray, mask: np.ndarray) -> float:
@@ -130,6 +149,35 @@ def test_iou_matches_reference(kind: str, threshold: float, top_fraction: float 
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("threshold", "top_fraction"), [(0.5, None), (0.25, None), (1.0, None), (0.5, 0.2), (0.5, 1.0)])
+def test_precision_and_recall_match_reference(kind: str, threshold: float, top_fraction: float | None) -> None:
+    maps, masks = random_batch(kind, seed=8)
+    want = [ref_precision_recall(m.numpy(), k.numpy(), threshold, top_fraction)
+            for m, k in zip(maps, masks, strict=True)]
+    precision = mask_precision(maps, masks, threshold=threshold, top_fraction=top_fraction)
+    recall = mask_recall(maps, masks, threshold=threshold, top_fraction=top_fraction)
+    assert precision.dtype == recall.dtype == torch.float32
+    assert precision.tolist() == pytest.approx([p for p, _ in want], abs=1e-6)
+    assert recall.tolist() == pytest.approx([r for _, r in want], abs=1e-6)
+
+
+def test_precision_recall_and_iou_agree_in_closed_form() -> None:
+    """Keeping the mask plus k outside pixels: precision m/(m+k), recall 1, IoU m/(m+k); keeping half
+    the mask and nothing else: precision 1, recall 1/2, IoU 1/2."""
+    masks = box_mask(2)  # 18 pixels each
+    on = masks[0].flatten().nonzero().flatten()
+    off = (~masks[0]).flatten().nonzero().flatten()
+    wide = masks[0].flatten().float().clone()
+    wide[off[:6]] = 1.0  # 6 extra pixels
+    half = torch.zeros(H * W)
+    half[on[:9]] = 1.0
+    maps = torch.stack([wide, half]).reshape(2, H, W)
+    assert mask_precision(maps, masks).tolist() == pytest.approx([18 / 24, 1.0])
+    assert mask_recall(maps, masks).tolist() == pytest.approx([1.0, 0.5])
+    assert mask_iou(maps, masks).tolist() == pytest.approx([18 / 24, 0.5])
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_auroc_matches_reference(kind: str) -> None:
     maps, masks = random_batch(kind, seed=4)
     want = [ref_auroc(m.numpy(), k.numpy()) for m, k in zip(maps, masks, strict=True)]
@@ -162,11 +210,13 @@ def test_map_equal_to_mask_is_perfect_and_inverted_is_worst() -> None:
     assert energy_pointing_game(perfect, masks).tolist() == [1.0] * 3
     assert mask_iou(perfect, masks).tolist() == [1.0] * 3
     assert mask_iou(perfect, masks, top_fraction=18 / 108).tolist() == [1.0] * 3
+    assert mask_precision(perfect, masks).tolist() == mask_recall(perfect, masks).tolist() == [1.0] * 3
     assert mask_auroc(perfect, masks).tolist() == [1.0] * 3
     inverted = 1.0 - masks.float()
     assert pointing_game(inverted, masks).tolist() == [0.0] * 3
     assert energy_pointing_game(inverted, masks).tolist() == [0.0] * 3
     assert mask_iou(inverted, masks).tolist() == [0.0] * 3
+    assert mask_precision(inverted, masks).tolist() == mask_recall(inverted, masks).tolist() == [0.0] * 3
     assert mask_auroc(inverted, masks).tolist() == [0.0] * 3
     assert mask_auroc(-perfect, masks).tolist() == [0.0] * 3
 
@@ -185,6 +235,7 @@ def test_constant_map_scores_chance(value: float) -> None:
     assert energy_pointing_game(constant, masks).tolist() == pytest.approx(share.tolist(), abs=1e-7)
     assert mask_auroc(constant, masks).tolist() == [0.5, 0.5, 0.5]  # exactly
     assert mask_iou(constant, masks).tolist() == [0.0] * 3  # nothing survives the threshold
+    assert mask_precision(constant, masks).tolist() == mask_recall(constant, masks).tolist() == [0.0] * 3
 
 
 def test_energy_counts_only_positive_mass() -> None:
@@ -263,6 +314,8 @@ def test_batch_equals_per_example(kind: str) -> None:
         lambda a, b: pointing_game(a, b, ties="first"),
         mask_iou,
         lambda a, b: mask_iou(a, b, top_fraction=0.3),
+        mask_precision,
+        lambda a, b: mask_recall(a, b, top_fraction=0.3),
         mask_auroc,
     ]
     for metric in metrics:
@@ -314,7 +367,7 @@ def test_box_masks_match_slicing() -> None:
 
 
 # -- bad inputs ----------------------------------------------------------------------------------------
-METRICS = [pointing_game, energy_pointing_game, mask_iou, mask_auroc]
+METRICS = [pointing_game, energy_pointing_game, mask_iou, mask_precision, mask_recall, mask_auroc]
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -37,6 +37,8 @@ from mmelkit.metrics.localisation import (
     energy_pointing_game,
     mask_auroc,
     mask_iou,
+    mask_precision,
+    mask_recall,
     pointing_game,
 )
 from mmelkit.metrics.registry import GROUPS, METRICS, MetricInfo, resolve_metrics
@@ -66,6 +68,8 @@ __all__ = [
     "insertion_curves",
     "mask_auroc",
     "mask_iou",
+    "mask_precision",
+    "mask_recall",
     "parse_yes_no",
     "perturbation_curves",
     "pointing_game",

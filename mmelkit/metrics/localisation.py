@@ -8,10 +8,13 @@ union their masks). Everything runs batched on the maps' device and returns one 
 * :func:`pointing_game` -- does the maximum lie on the mask (within a tolerance)?
 * :func:`energy_pointing_game` -- the share of the map's positive mass that lies on the mask.
 * :func:`mask_iou` -- IoU of the binarised map with the mask.
+* :func:`mask_precision`, :func:`mask_recall` -- the share of the binarised map on the mask, and of
+  the mask the binarised map covers.
 * :func:`mask_auroc` -- AUROC of the map's values as scores for "this pixel is on the mask".
 
 On a constant map (no information) each metric gives its chance value: pointing and energy the
-mask's area share, AUROC exactly 0.5; IoU gives 0 (the binarised map is empty).
+mask's area share, AUROC exactly 0.5; IoU, precision and recall give 0 (the binarised map is
+empty).
 """
 
 from __future__ import annotations
@@ -214,6 +217,35 @@ def mask_iou(
     intersection = (predicted & masks).flatten(1).sum(dim=1)
     union = (predicted | masks).flatten(1).sum(dim=1)
     return intersection.float() / union.float()
+
+
+def mask_precision(
+    maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5, top_fraction: float | None = None
+) -> torch.Tensor:
+    """Precision of each binarised map against its mask: the share of kept pixels on the mask.
+
+    Binarised as in :func:`mask_iou` (``threshold`` on the min-max normalised map, or the
+    ``top_fraction`` highest pixels). A map that keeps no pixel (a constant one) scores 0, not NaN,
+    so a batch mean stays defined. Returns (N,) float32 in [0, 1] on the maps' device.
+    """
+    masks = _checked(maps, masks)
+    predicted = binarise(maps, threshold, top_fraction)
+    hits = (predicted & masks).flatten(1).sum(dim=1).float()
+    return hits / predicted.flatten(1).sum(dim=1).clamp_min(1).float()
+
+
+def mask_recall(
+    maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5, top_fraction: float | None = None
+) -> torch.Tensor:
+    """Recall of each binarised map against its mask: the share of the mask's pixels it keeps.
+
+    Binarised as in :func:`mask_iou`. Returns (N,) float32 in [0, 1] on the maps' device; an empty
+    mask is an error (there would be nothing to recall).
+    """
+    masks = _checked(maps, masks)
+    predicted = binarise(maps, threshold, top_fraction)
+    hits = (predicted & masks).flatten(1).sum(dim=1).float()
+    return hits / masks.flatten(1).sum(dim=1).float()
 
 
 def mask_auroc(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ of the label):
 
 * ``acc``, ``f1`` (macro): right answers; ``shortcut``: the share of de-biased predictions that
   follow the cue instead (chance is 1/K).
-* ``iou``, ``pointing``: the Grad-CAM of the *predicted* class against the target's mask (the
-  model's own explanation of its decision); ``cue_energy``: the share of that map's mass on the
+* ``iou``, ``precision``, ``recall``, ``pointing``: the Grad-CAM of the *predicted* class against
+  the target's mask (the model's own explanation of its decision), binarised at 0.5 of its range
+  for the first three, strict pointing (no tolerance); ``cue_energy``: the share of that map's mass on the
   cue patch (0 for a tint cue, which has no place).
 * ``bleu4``, ``rouge_l``, ``clip_score``: generated rationales (greedy, on the test split)
   against the reference rationales, and CLIPScore of (image, rationale) by the embedded CLIP.
@@ -34,7 +35,13 @@ from tqdm.auto import tqdm
 
 from mmelkit._checks import output_folder, positive_int
 from mmelkit._io import atomic_write_text
-from mmelkit.metrics.localisation import energy_pointing_game, mask_iou, pointing_game
+from mmelkit.metrics.localisation import (
+    energy_pointing_game,
+    mask_iou,
+    mask_precision,
+    mask_recall,
+    pointing_game,
+)
 from mmelkit.metrics.text import bleu, clip_score, rouge_l
 from mmelkit.models.loading import resolve_device
 from mmelkit.training.megl.data import MeglSplit, attach_pseudo_masks, build_split
@@ -44,7 +51,7 @@ from mmelkit.training.megl.trainer import PRESET_NOTES, MeglConfig, MeglModel, t
 # Columns of the results, in the order tables show them, with their direction.
 METRICS: dict[str, str] = {
     "test_acc": "higher", "debiased_acc": "higher", "debiased_f1": "higher", "shortcut": "lower",
-    "iou": "higher", "pointing": "higher", "cue_energy": "lower",
+    "iou": "higher", "precision": "higher", "recall": "higher", "pointing": "higher", "cue_energy": "lower",
     "bleu4": "higher", "rouge_l": "higher", "clip_score": "higher",
 }
 
@@ -111,6 +118,8 @@ def evaluate_megl(model: MeglModel, test: MeglSplit, debiased: MeglSplit, clip: 
             results["shortcut"] = float((predictions == split.cue_classes.to(predictions.device)).float().mean())
             masks = split.true_masks.to(maps.device)
             results["iou"] = float(mask_iou(maps, masks).mean())
+            results["precision"] = float(mask_precision(maps, masks).mean())
+            results["recall"] = float(mask_recall(maps, masks).mean())
             results["pointing"] = float(pointing_game(maps, masks).mean())
             cue = split.cue_masks.to(maps.device)
             results["cue_energy"] = float(energy_pointing_game(maps, cue).mean()) if cue.any() else 0.0
