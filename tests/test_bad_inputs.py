@@ -618,6 +618,12 @@ TABLE += [
       ValueError, r"noise_scale must be positive"),
     E("tool:causal_trace", "tokens not bool", lambda k, u: layer.causal_trace(
         k.vlm, k.target, tokens=torch.zeros(2, k.vlm.num_visual_tokens)), ValueError, r"tokens must be an \(N, V\)"),
+    E("tool:causal_trace", "tokens and corrupted images together", lambda k, u: layer.causal_trace(
+        k.vlm, k.target, tokens=torch.ones(2, k.vlm.num_visual_tokens, dtype=torch.bool),
+        corrupted_images=k.target.batch.pixel_values), ValueError, r"tokens .* or corrupted_images, not both"),
+    E("tool:causal_trace", "one corrupted image for two rows", lambda k, u: layer.causal_trace(
+        k.vlm, k.target, corrupted_images=k.target.batch.pixel_values[:1]), ValueError,
+      r"corrupted_images must give one image per row"),
     E(f"{LAY}.logit_lens", "k=0", lambda k, u: layer.logit_lens(k.vlm, k.target, k=0),
       ValueError, r"k must be an integer >= 1"),
     E("tool:logit_lens", "not a target", lambda k, u: layer.logit_lens(k.vlm, "yes"), TypeError, r"VlmBatch.*got str"),
@@ -744,6 +750,8 @@ TABLE += [
       IndexError, r"non-negative"),
     OK(f"{DAT}.SceneWorld", "index past the length: drawn (length only bounds iteration)",
        lambda k, u: mmelkit.datasets.SceneWorld(length=2)[5], lambda r, k: r.index == 5),
+    E(f"{DAT}.SceneWorld", "erasing an object the scene lacks", lambda k, u: mmelkit.datasets.SceneWorld().erased(
+        0, [99]), IndexError, r"objects \[99\] do not exist in scene 0"),
     E(f"{DAT}.SceneConfig", "image_size below 16", lambda k, u: mmelkit.datasets.SceneConfig(image_size=8),
       ValueError, r"image_size must be at least 16"),
     E(f"{DAT}.SceneConfig", "unknown colour", lambda k, u: mmelkit.datasets.SceneConfig(colours=("red", "bleu")),

@@ -190,3 +190,32 @@ def test_choices_are_uniform() -> None:
     assert pairs.min() > 0.6 * pairs.mean() and pairs.max() < 1.4 * pairs.mean()
     xs = np.array([o.center[0] for s in scenes for o in s.objects])
     assert abs(np.median(xs) - 32) < 1.5
+
+
+def test_background_is_the_scene_wherever_no_object_lies(world: SceneWorld) -> None:
+    busy = SceneWorld(SceneConfig(max_objects=5, clutter=3), seed=9)
+    for scene_world in (world, busy):
+        for index in range(0, 60, 7):
+            scene, background = scene_world[index], scene_world.background(index)
+            free = ~scene.masks.any(axis=0)
+            assert background.shape == scene.image.shape and background.dtype == np.uint8
+            assert np.array_equal(background[free], scene.image[free])
+            assert not np.array_equal(background, scene.image)  # the objects are not part of it
+
+
+def test_erased_paints_only_the_named_objects_over(world: SceneWorld) -> None:
+    for index in (2, 11, 40):
+        scene, background = world[index], world.background(index)
+        assert np.array_equal(world.erased(index, range(len(scene.objects))), background)
+        assert np.array_equal(world.erased(index, []), scene.image)
+        for k in range(len(scene.objects)):
+            erased, mask = world.erased(index, [k]), scene.masks[k]
+            assert np.array_equal(erased[~mask], scene.image[~mask])  # every other object, every other pixel
+            assert np.array_equal(erased[mask], background[mask])
+        caption = scene.captions[0]
+        assert np.array_equal(world.erased(index, caption), world.erased(index, caption.objects))
+        assert np.array_equal(world[index].image, scene.image)  # erasing draws a copy
+    with pytest.raises(IndexError, match=r"objects \[9\] do not exist"):
+        world.erased(2, [9])
+    with pytest.raises(IndexError):
+        world.background(-1)

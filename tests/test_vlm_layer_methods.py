@@ -157,6 +157,41 @@ def test_corrupting_no_tokens_leaves_everything_clean(vlm: VlmAdapter, target: A
         causal_trace(vlm, one, noise_scale=0.0)
 
 
+def test_causal_trace_with_a_corrupted_image(vlm: VlmAdapter, target: AnswerTarget) -> None:
+    """SPEC §6's other corruption: a second image (here a block of the scene painted grey). Its
+    visual tokens are the corrupted run's; restoring the last state brings the clean answer back,
+    and each recovered value equals patching that one state by hand."""
+    from mmelkit.methods.layer.causal_trace import restored
+
+    single = target.select(torch.tensor([0, 1]))
+    pixels = single.batch.pixel_values.clone()
+    pixels[..., :24, :24] = 0.0  # the corrupted images, in the model's own pixel space
+    trace = causal_trace(vlm, single, corrupted_images=pixels, batch_size=23)
+    assert (trace.clean - trace.corrupted).abs().max() > 1e-4
+    depth = vlm.num_decoder_layers
+    for row in range(2):
+        query = int(single.query_positions[row, 0])
+        torch.testing.assert_close(trace.recovered[row, depth - 1, query], trace.clean[row], atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        corrupted = vlm.visual_features(pixels)
+        torch.testing.assert_close(trace.corrupted, target_score(vlm, single, corrupted).exp())
+        with vlm.trace(decoder_attentions=False, vision=False, visual_leaf=False) as clean:
+            vlm.forward(single.batch, vlm.visual_features(single.batch.pixel_values))
+        one = single.select(torch.tensor([1]))
+        position = int(one.batch.visual_positions[0, 3])
+        with restored(vlm, torch.tensor([0]), torch.tensor([position]), clean.decoder[0].hidden[1, position][None]):
+            p = target_score(vlm, one, corrupted[1:]).exp()
+    torch.testing.assert_close(trace.recovered[1, 0, position], p[0], atol=1e-6, rtol=1e-5)
+    # the clean images as the "corrupted" ones: nothing to recover
+    same = causal_trace(vlm, single, corrupted_images=single.batch.pixel_values)
+    torch.testing.assert_close(same.corrupted, same.clean)
+    assert hooks(vlm.model) == 0
+    with pytest.raises(ValueError, match="not both"):
+        causal_trace(vlm, single, tokens=torch.ones(2, vlm.num_visual_tokens, dtype=torch.bool), corrupted_images=pixels)
+    with pytest.raises(ValueError, match="one image per row"):
+        causal_trace(vlm, single, corrupted_images=pixels[:1])
+
+
 # -- logit lens -------------------------------------------------------------------------------------------
 def test_logit_lens_ends_at_the_models_own_predictions(vlm: VlmAdapter, target: AnswerTarget) -> None:
     lens = logit_lens(vlm, target, k=3)

@@ -271,6 +271,32 @@ class SceneWorld:
         }
         return generator
 
+    def background(self, index: int) -> np.ndarray:
+        """(H, W, 3) uint8: scene ``index``'s background and clutter, before any object is painted.
+
+        Re-drawn from the scene's stream with the same uniforms :meth:`draw` uses, so wherever no
+        object lies it equals ``world[index].image`` exactly."""
+        index = int(index)
+        if index < 0:
+            raise IndexError("scene indices are non-negative")
+        rng = self.stream(index)
+        uniforms = rng.random(_SCENE_UNIFORMS + 4 * self.config.max_objects).tolist()  # as draw() with objects=None
+        image, _, _ = self._background(uniforms[1:_SCENE_UNIFORMS])
+        self._add_clutter(image, rng)
+        return image
+
+    def erased(self, index: int, objects: Sequence[int] | Caption) -> np.ndarray:
+        """(H, W, 3) uint8: scene ``index`` with the visible part of the given objects (indices, or a
+        caption's referents) painted over with the background: the clean-vs-corrupted image pair of
+        causal tracing (:func:`mmelkit.methods.layer.causal_trace`, ``corrupted_images``)."""
+        scene = self[index]
+        indices = objects.objects if isinstance(objects, Caption) else tuple(int(k) for k in objects)
+        wrong = [k for k in indices if not 0 <= k < len(scene.objects)]
+        if wrong:
+            raise IndexError(f"objects {wrong} do not exist in scene {index}, which has {len(scene.objects)}")
+        mask = scene.mask_of(indices)
+        return np.where(mask[..., None], self.background(index), scene.image)
+
     # -- drawing ---------------------------------------------------------------------------------
     def draw(
         self,

@@ -1,8 +1,10 @@
 """Causal tracing / activation patching (Meng et al., NeurIPS 2022; Basu et al. 2024 for
 multimodal LLMs; SPEC §6).
 
-The visual tokens (all, or one object's) are corrupted with Gaussian noise of ``noise_scale``
-times their standard deviation; then, for each decoder layer l and sequence position j, the
+The image is corrupted in one of SPEC §6's two ways: Gaussian noise of ``noise_scale`` times
+their standard deviation on the visual tokens (all, or one object's), or a second image (the named
+object painted over with the background: :meth:`mmelkit.datasets.SceneWorld.erased`) whose
+visual tokens replace the clean ones. Then, for each decoder layer l and sequence position j, the
 clean run's output hidden state of layer l at j is restored in the corrupted run, and
 p(answer) is read. Where restoring one state brings the answer back, that state carries what the
 image told the model. ``effect`` normalises: 0 = as corrupted, 1 = as clean.
@@ -82,6 +84,16 @@ def corrupt_visual_tokens(visual: torch.Tensor, tokens: torch.Tensor, noise_scal
     return torch.where(tokens[..., None], visual + scale * eps[None], visual)
 
 
+def _visual_tokens_of(vlm: VlmAdapter, images: Any, clean: torch.Tensor) -> torch.Tensor:
+    """The corrupted images' visual tokens, (N, V, D) like ``clean``, or a ValueError naming them."""
+    with torch.no_grad():
+        corrupted = vlm.visual_features(images)
+    if corrupted.shape != clean.shape:
+        raise ValueError(f"corrupted_images must give one image per row, of the clean images' size: visual tokens "
+                         f"{tuple(corrupted.shape)} against the clean {tuple(clean.shape)}")
+    return corrupted.to(clean.dtype)
+
+
 @register_tool("causal_trace", level="model", granularity="layer", family="causal intervention", explains="vlm",
                reference="Meng et al., NeurIPS 2022 (causal tracing); SPEC §6")
 def causal_trace(
@@ -91,21 +103,31 @@ def causal_trace(
     noise_scale: float = 3.0,
     seed: int = 0,
     batch_size: int = 64,
+    corrupted_images: Any | None = None,
 ) -> CausalTrace:
     """Restore each (decoder layer, position) clean state into the corrupted run; see the module doc.
 
-    ``tokens`` (N, V) bool: the visual tokens to corrupt (default: all). Positions run over every
-    real column up to the row's last target query column (later columns cannot affect the answer)."""
+    ``tokens`` (N, V) bool: the visual tokens to corrupt with noise (default: all).
+    ``corrupted_images``: instead of noise, one corrupted image per row (any form
+    :meth:`VlmAdapter.visual_features` takes, the clean images' size), e.g. the scene with the named
+    object painted over; ``tokens``, ``noise_scale`` and ``seed`` then do not apply. Positions run
+    over every real column up to the row's last target query column (later columns cannot affect
+    the answer)."""
     if noise_scale <= 0:
         raise ValueError(f"noise_scale must be positive; got {noise_scale}")
     batch = target.batch
     n, length = batch.input_ids.shape
     visual = clean_visual_tokens(vlm, target)
-    if tokens is None:
-        tokens = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
-    if tokens.shape != visual.shape[:2] or tokens.dtype != torch.bool:
-        raise ValueError(f"tokens must be an (N, V) = {tuple(visual.shape[:2])} bool mask; got {tuple(tokens.shape)} {tokens.dtype}")
-    corrupted_visual = corrupt_visual_tokens(visual, tokens, noise_scale, seed)
+    if corrupted_images is not None:
+        if tokens is not None:
+            raise ValueError("give tokens (noise on those visual tokens) or corrupted_images, not both")
+        corrupted_visual = _visual_tokens_of(vlm, corrupted_images, visual)
+    else:
+        if tokens is None:
+            tokens = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
+        if tokens.shape != visual.shape[:2] or tokens.dtype != torch.bool:
+            raise ValueError(f"tokens must be an (N, V) = {tuple(visual.shape[:2])} bool mask; got {tuple(tokens.shape)} {tokens.dtype}")
+        corrupted_visual = corrupt_visual_tokens(visual, tokens, noise_scale, seed)
     depth = vlm.num_decoder_layers
     with torch.no_grad():
         with vlm.trace(decoder_attentions=False, decoder_hidden=True, vision=False, visual_leaf=False) as trace:
