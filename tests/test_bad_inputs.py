@@ -722,6 +722,15 @@ TABLE += [
         k.labels, torch.zeros(9, dtype=torch.long)), ValueError, r"truth_index has 9 entries"),
 
     # -- inference tools -------------------------------------------------------------------------------------------
+    E(f"{INF}.classify_by_description", "a class without descriptors", lambda k, u: inference.classify_by_description(
+        k.clip, k.images, {"circle": ["is round"], "square": []}), ValueError,
+      r"descriptions\['square'\] must be a non-empty list"),
+    E(f"{INF}.classify_by_description", "template without {desc}", lambda k, u: inference.classify_by_description(
+        k.clip, k.images, {"circle": ["is round"]}, template="a {cls}"), ValueError, r"template must contain \{desc\}"),
+    E(f"{INF}.classify_by_description", "NaN images", lambda k, u: inference.classify_by_description(
+        k.clip, k.nan_pixels(), {"circle": ["is round"]}), ValueError, r"NaN"),
+    E(f"{INF}.classify_by_description", "rationale of an image that is not there", lambda k, u: inference.classify_by_description(
+        k.clip, k.images, {"circle": ["is round"]}).rationale(7), IndexError, r"image 7 out of range for 2 images"),
     E(f"{INF}.VisualContrastiveDecoding", "alpha < 0", lambda k, u: inference.VisualContrastiveDecoding(k.vlm, alpha=-1),
       ValueError, r"alpha must be a finite number >= 0"),
     E(f"{INF}.VisualContrastiveDecoding", "NaN beta", lambda k, u: inference.VisualContrastiveDecoding(
