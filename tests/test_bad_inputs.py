@@ -633,6 +633,23 @@ TABLE += [
         k.clip, k.pixels, TEXTS, [0, 5], progress=False), ValueError, r"labels must index the 2 class texts"),
     E("tool:clip_logit_lens", "no class texts", lambda k, u: layer.clip_logit_lens(
         k.clip, k.pixels, [], [0, 0], progress=False), ValueError, r"no class texts given"),
+    E(f"{LAY}.layer_ablation", "unknown part", lambda k, u: layer.layer_ablation(
+        k.clip, k.pixels, TEXTS, [0, 1], parts=["attention", "mpl"]), ValueError, r"unknown part 'mpl'; did you mean 'mlp'"),
+    E(f"{LAY}.layer_ablation", "3 labels for 2 images", lambda k, u: layer.layer_ablation(
+        k.clip, k.pixels, TEXTS, [0, 1, 0]), ValueError, r"labels must be one integer per image \(2\)"),
+    E("tool:layer_ablation", "layer out of range", lambda k, u: layer.layer_ablation(
+        k.clip, k.pixels, TEXTS, [0, 1], layers=[5]), IndexError, r"image tower has 2 blocks; index 5 is out of range"),
+    E("tool:layer_ablation", "ablated layer out of range", lambda k, u: layer.layer_ablation(
+        k.clip, k.pixels, TEXTS, [0, 1], ablate=[(-3, "mlp")]), IndexError, r"2 blocks; layer -3 is out of range"),
+    E("tool:layer_ablation", "no class texts", lambda k, u: layer.layer_ablation(
+        k.clip, k.pixels, [], [0, 0]), ValueError, r"class_texts must be a non-empty list"),
+    E(f"{LAY}.branch_means", "batch_size=0", lambda k, u: layer.branch_means(k.clip, k.pixels, batch_size=0),
+      ValueError, r"batch_size must be an integer >= 1"),
+    E(f"{LAY}.mean_ablated", "unknown part", lambda k, u: layer.mean_ablated(
+        k.clip, layer.branch_means(k.clip, k.pixels), [(0, "atention")]).__enter__(), ValueError,
+      r"unknown part 'atention'; did you mean 'attention'"),
+    E(f"{LAY}.mean_ablated", "means that are not BranchMeans", lambda k, u: layer.mean_ablated(
+        k.clip, torch.zeros(2, 17, 32), [(0, "mlp")]).__enter__(), TypeError, r"means must be BranchMeans"),
     E(f"{LAY}.fit_ridge_probe", "NaN features", lambda k, u: layer.fit_ridge_probe(
         torch.full((4, 3), math.nan), torch.tensor([0, 1, 0, 1])), ValueError, r"features hold NaN"),
     E(f"{LAY}.fit_ridge_probe", "float labels", lambda k, u: layer.fit_ridge_probe(torch.rand(4, 3), torch.rand(4)),
@@ -892,7 +909,7 @@ TABLE += [
         "--device", "cpu", "--out", str(u / "out")), CliError, r"exit 1: .*truncated-clip\.safetensors cannot be loaded"),
     E("cli:train vlm", "truncated --init-from", lambda k, u: cli(
         "train", "vlm", "--init-from", str(u / "llava-truncated"), "--steps", "1", "--device", "cpu", "--out",
-        str(u / "out")), CliError, r"exit 2: .*llava-truncated cannot be loaded"),
+        str(u / "out")), CliError, r"exit 1: .*llava-truncated cannot be loaded"),
     E("cli:eval vlm", "a model folder with truncated weights", lambda k, u: cli(
         "eval", "vlm", "--model", str(u / "llava-truncated"), "--device", "cpu"),
       CliError, r"exit 2: .*llava-truncated cannot be loaded"),
