@@ -5,7 +5,10 @@ CLIP image towers (SPEC §7):
 * :func:`layer_probes` / :func:`fit_ridge_probe`: linear probes per block for colour, shape,
   count and a spatial relation, on held-out scenes;
 * :func:`clip_logit_lens`: zero-shot accuracy read through the final norm and projection after
-  every block.
+  every block;
+* :func:`layer_ablation`: zero-shot accuracy with a block's attention branch, MLP branch or both
+  replaced by their mean over the images (the branch's total effect; :func:`branch_means` and
+  :func:`mean_ablated` are its two steps).
 
 Generative VLMs (SPEC §6): where in the decoder the image enters the answer.
 
@@ -19,8 +22,16 @@ Generative VLMs (SPEC §6): where in the decoder the image enters the answer.
 from mmelkit.methods.layer.attention_knockout import KnockoutResult, attention_knockout, knocked_out
 from mmelkit.methods.layer.causal_trace import CausalTrace, causal_trace
 from mmelkit.methods.layer.clip_logit_lens import ClipLogitLens, clip_logit_lens
+from mmelkit.methods.layer.layer_ablation import (
+    BranchMeans,
+    LayerAblation,
+    branch_means,
+    layer_ablation,
+    mean_ablated,
+)
 from mmelkit.methods.layer.logit_lens import LogitLens, logit_lens
 from mmelkit.methods.layer.probes import LinearProbe, ProbeResult, fit_ridge_probe, layer_probes, probe_layers
 
-__all__ = ["CausalTrace", "ClipLogitLens", "KnockoutResult", "LinearProbe", "LogitLens", "ProbeResult", "attention_knockout",
-           "causal_trace", "clip_logit_lens", "fit_ridge_probe", "knocked_out", "layer_probes", "logit_lens", "probe_layers"]
+__all__ = ["BranchMeans", "CausalTrace", "ClipLogitLens", "KnockoutResult", "LayerAblation", "LinearProbe", "LogitLens",
+           "ProbeResult", "attention_knockout", "branch_means", "causal_trace", "clip_logit_lens", "fit_ridge_probe",
+           "knocked_out", "layer_ablation", "layer_probes", "logit_lens", "mean_ablated", "probe_layers"]
