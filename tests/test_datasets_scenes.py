@@ -192,30 +192,41 @@ def test_choices_are_uniform() -> None:
     assert abs(np.median(xs) - 32) < 1.5
 
 
-def test_background_is_the_scene_wherever_no_object_lies(world: SceneWorld) -> None:
+def test_backdrop_is_the_scene_wherever_no_object_lies(world: SceneWorld) -> None:
     busy = SceneWorld(SceneConfig(max_objects=5, clutter=3), seed=9)
     for scene_world in (world, busy):
         for index in range(0, 60, 7):
-            scene, background = scene_world[index], scene_world.background(index)
+            scene = scene_world[index]
             free = ~scene.masks.any(axis=0)
-            assert background.shape == scene.image.shape and background.dtype == np.uint8
-            assert np.array_equal(background[free], scene.image[free])
-            assert not np.array_equal(background, scene.image)  # the objects are not part of it
+            assert scene.backdrop.shape == scene.image.shape and scene.backdrop.dtype == np.uint8
+            assert np.array_equal(scene.backdrop[free], scene.image[free])
+            assert not np.array_equal(scene.backdrop, scene.image)  # the objects are not part of it
 
 
 def test_erased_paints_only_the_named_objects_over(world: SceneWorld) -> None:
     for index in (2, 11, 40):
-        scene, background = world[index], world.background(index)
-        assert np.array_equal(world.erased(index, range(len(scene.objects))), background)
-        assert np.array_equal(world.erased(index, []), scene.image)
+        scene = world[index]
+        image = scene.image.copy()
+        assert np.array_equal(scene.erased(range(len(scene.objects))), scene.backdrop)
+        assert np.array_equal(scene.erased([]), scene.image)
         for k in range(len(scene.objects)):
-            erased, mask = world.erased(index, [k]), scene.masks[k]
+            erased, mask = scene.erased([k]), scene.masks[k]
             assert np.array_equal(erased[~mask], scene.image[~mask])  # every other object, every other pixel
-            assert np.array_equal(erased[mask], background[mask])
+            assert np.array_equal(erased[mask], scene.backdrop[mask])
         caption = scene.captions[0]
-        assert np.array_equal(world.erased(index, caption), world.erased(index, caption.objects))
-        assert np.array_equal(world[index].image, scene.image)  # erasing draws a copy
+        assert np.array_equal(scene.erased(caption), scene.erased(caption.objects))
+        assert np.array_equal(scene.image, image)  # erasing draws a copy
     with pytest.raises(IndexError, match=r"objects \[9\] do not exist"):
-        world.erased(2, [9])
-    with pytest.raises(IndexError):
-        world.background(-1)
+        world[2].erased([9])
+
+
+def test_scenes_of_derived_tasks_erase_too() -> None:
+    """Scenes drawn with chosen objects (questions, shortcut tasks) keep their backdrop as well."""
+    from mmelkit.datasets.vqa import held_out
+
+    item = held_out(seed=3, length=5)[0]
+    scene = item.scene
+    erased = scene.erased(item.objects)
+    mask = item.mask()
+    assert np.array_equal(erased[~mask], scene.image[~mask]) and np.array_equal(erased[mask], scene.backdrop[mask])
+    assert mask.any() and not np.array_equal(erased, scene.image)

@@ -188,6 +188,9 @@ class Scene:
     background: str
     background_tint: tuple[int, int, int] = (0, 0, 0)
     extras: dict[str, object] = field(default_factory=dict)
+    # The scene-world background (texture and clutter) before any object was painted; None for
+    # photos. It makes "the object removed" exact (see erased), e.g. for causal tracing.
+    backdrop: np.ndarray | None = field(default=None, repr=False)
 
     def mask_of(self, objects: Sequence[int] | Caption) -> np.ndarray:
         """Union of the visible masks of the given objects (or of a caption's referents)."""
@@ -198,6 +201,20 @@ class Scene:
 
     def captions_of(self, kind: CaptionKind) -> list[Caption]:
         return [c for c in self.captions if c.kind == kind]
+
+    def erased(self, objects: Sequence[int] | Caption) -> np.ndarray:
+        """(H, W, 3) uint8: this scene with the visible part of the given objects (indices, or a
+        caption's referents) painted over with its own background, a new array: the clean vs
+        "object removed" image pair of causal tracing (``causal_trace(..., corrupted_images=)``).
+        Objects painted on top of an erased one stay."""
+        if self.backdrop is None:
+            raise ValueError(f"scene {self.index} ({self.background}) has no background layer to paint with: only "
+                             "scene-world scenes can erase objects")
+        indices = objects.objects if isinstance(objects, Caption) else tuple(int(k) for k in objects)
+        wrong = [k for k in indices if not 0 <= k < len(self.objects)]
+        if wrong:
+            raise IndexError(f"objects {wrong} do not exist in scene {self.index}, which has {len(self.objects)}")
+        return np.where(self.mask_of(indices)[..., None], self.backdrop, self.image)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,32 +288,6 @@ class SceneWorld:
         }
         return generator
 
-    def background(self, index: int) -> np.ndarray:
-        """(H, W, 3) uint8: scene ``index``'s background and clutter, before any object is painted.
-
-        Re-drawn from the scene's stream with the same uniforms :meth:`draw` uses, so wherever no
-        object lies it equals ``world[index].image`` exactly."""
-        index = int(index)
-        if index < 0:
-            raise IndexError("scene indices are non-negative")
-        rng = self.stream(index)
-        uniforms = rng.random(_SCENE_UNIFORMS + 4 * self.config.max_objects).tolist()  # as draw() with objects=None
-        image, _, _ = self._background(uniforms[1:_SCENE_UNIFORMS])
-        self._add_clutter(image, rng)
-        return image
-
-    def erased(self, index: int, objects: Sequence[int] | Caption) -> np.ndarray:
-        """(H, W, 3) uint8: scene ``index`` with the visible part of the given objects (indices, or a
-        caption's referents) painted over with the background: the clean-vs-corrupted image pair of
-        causal tracing (:func:`mmelkit.methods.layer.causal_trace`, ``corrupted_images``)."""
-        scene = self[index]
-        indices = objects.objects if isinstance(objects, Caption) else tuple(int(k) for k in objects)
-        wrong = [k for k in indices if not 0 <= k < len(scene.objects)]
-        if wrong:
-            raise IndexError(f"objects {wrong} do not exist in scene {index}, which has {len(scene.objects)}")
-        mask = scene.mask_of(indices)
-        return np.where(mask[..., None], self.background(index), scene.image)
-
     # -- drawing ---------------------------------------------------------------------------------
     def draw(
         self,
@@ -323,6 +314,7 @@ class SceneWorld:
             objects = self._choose_objects(count, uniforms[head:])
         image, kind, tint = self._background(uniforms[1:head], tint)
         self._add_clutter(image, rng)
+        backdrop = image.copy()  # about 1 us at 64 px: kept so that objects can be erased exactly
         placed: list[SceneObject] = []
         stamps: list[tuple[tuple[slice, slice], np.ndarray, int]] = []  # (box, local mask, area)
         tight_boxes: list[tuple[int, int, int, int]] = []  # of each full stamp, in image coordinates
@@ -347,7 +339,7 @@ class SceneWorld:
         masks = occupied[None] == np.arange(len(placed), dtype=np.int16)[:, None, None]
         # Without any overlap every object is fully visible and its box is its stamp's box.
         boxes = _boxes(masks) if overlapped else np.array(tight_boxes, np.int64).reshape(-1, 4)
-        scene = Scene(index, image, placed, masks, boxes, [], kind, tint)
+        scene = Scene(index, image, placed, masks, boxes, [], kind, tint, backdrop=backdrop)
         scene.captions = make_captions(scene, cfg)
         return scene
 

@@ -3,7 +3,7 @@ multimodal LLMs; SPEC §6).
 
 The image is corrupted in one of SPEC §6's two ways: Gaussian noise of ``noise_scale`` times
 their standard deviation on the visual tokens (all, or one object's), or a second image (the named
-object painted over with the background: :meth:`mmelkit.datasets.SceneWorld.erased`) whose
+object painted over with the background: :meth:`mmelkit.datasets.Scene.erased`) whose
 visual tokens replace the clean ones. Then, for each decoder layer l and sequence position j, the
 clean run's output hidden state of layer l at j is restored in the corrupted run, and
 p(answer) is read. Where restoring one state brings the answer back, that state carries what the
