@@ -48,6 +48,7 @@ from conftest import TINY_OPEN_CLIP, make_hf_clip, make_open_clip, save_hf_clip,
 import mmelkit
 import mmelkit.bench
 import mmelkit.datasets
+import mmelkit.methods.data as data_methods
 import mmelkit.methods.embedding as embedding
 import mmelkit.methods.inference as inference
 import mmelkit.methods.layer as layer
@@ -738,6 +739,18 @@ TABLE += [
     E(f"{NEU}.label_match_rate", "truth for another number of neurons", lambda k, u: neuron.label_match_rate(
         k.labels, torch.zeros(9, dtype=torch.long)), ValueError, r"truth_index has 9 entries"),
 
+    # -- data tools ------------------------------------------------------------------------------------------------
+    E("tool:tracin", "empty bank", lambda k, u: data_methods.tracin(k.clip, [], k.images, TEXTS),
+      ValueError, r"the training bank is empty"),
+    E("tool:tracin", "unknown parameter name", lambda k, u: data_methods.tracin(
+        k.clip, list(zip(k.images, TEXTS, strict=True)), k.images, TEXTS, parameters=["visual.prj"], k=1),
+      ValueError, r"unknown parameter 'visual.prj'; did you mean 'visual.proj'"),
+    E("tool:tracin", "learning rate 0", lambda k, u: data_methods.tracin(
+        k.clip, list(zip(k.images, TEXTS, strict=True)), k.images, TEXTS, checkpoints=[(k.clip, 0.0)], k=1),
+      ValueError, r"checkpoints\[0\] learning rate must be a positive finite number; got 0.0"),
+    E("tool:tracin", "k larger than the bank", lambda k, u: data_methods.tracin(
+        k.clip, list(zip(k.images, TEXTS, strict=True)), k.images, TEXTS, k=3), ValueError, r"k must lie in 1..2 \(the bank's size\); got 3"),
+
     # -- inference tools -------------------------------------------------------------------------------------------
     E(f"{INF}.classify_by_description", "a class without descriptors", lambda k, u: inference.classify_by_description(
         k.clip, k.images, {"circle": ["is round"], "square": []}), ValueError,
@@ -776,8 +789,10 @@ TABLE += [
       IndexError, r"non-negative"),
     OK(f"{DAT}.SceneWorld", "index past the length: drawn (length only bounds iteration)",
        lambda k, u: mmelkit.datasets.SceneWorld(length=2)[5], lambda r, k: r.index == 5),
-    E(f"{DAT}.SceneWorld", "erasing an object the scene lacks", lambda k, u: mmelkit.datasets.SceneWorld().erased(
-        0, [99]), IndexError, r"objects \[99\] do not exist in scene 0"),
+    E(f"{DAT}.SceneWorld", "erasing an object the scene lacks", lambda k, u: mmelkit.datasets.SceneWorld()[0].erased(
+        [99]), IndexError, r"objects \[99\] do not exist in scene 0"),
+    E(f"{DAT}.RealPhotos", "erasing an object of a photo", lambda k, u: mmelkit.datasets.RealPhotos()[0].erased([0]),
+      ValueError, r"no background layer to paint with"),
     E(f"{DAT}.SceneConfig", "image_size below 16", lambda k, u: mmelkit.datasets.SceneConfig(image_size=8),
       ValueError, r"image_size must be at least 16"),
     E(f"{DAT}.SceneConfig", "unknown colour", lambda k, u: mmelkit.datasets.SceneConfig(colours=("red", "bleu")),

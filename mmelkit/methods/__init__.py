@@ -1,7 +1,7 @@
 """Explanation methods, organised by the survey's taxonomy (data, model, training, inference).
 
 * ``mmelkit.methods.data``: data-level interpretability (counterfactual captions, nearest
-  training pairs).
+  training pairs, TracIn training-data attribution).
 * ``mmelkit.methods.perturbation``: data-level input perturbation maps (occlusion, RISE).
 * ``mmelkit.methods.token``: model-level, token-granularity maps (Grad-ECLIP, MMEL, raw
   attention, attention rollout, generic attention, Grad-CAM, Integrated Gradients, SmoothGrad;
@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmelkit._checks import did_you_mean
-from mmelkit.methods import architecture, embedding, inference, layer, neuron, perturbation, text  # noqa: F401  (importing registers the methods)
+from mmelkit.methods import architecture, data, embedding, inference, layer, neuron, perturbation, text  # noqa: F401  (importing registers the methods)
 from mmelkit.methods import token as _token_methods  # noqa: F401
 from mmelkit.methods.base import REGISTRY, TOOLS, Explanation, Method, TextExplanation, get_method
 from mmelkit.models.adapter import ClipAdapter, TextLike
