@@ -48,6 +48,7 @@ from conftest import TINY_OPEN_CLIP, make_hf_clip, make_open_clip, save_hf_clip,
 import mmelkit
 import mmelkit.bench
 import mmelkit.datasets
+import mmelkit.methods.architecture as architecture
 import mmelkit.methods.data as data_methods
 import mmelkit.methods.embedding as embedding
 import mmelkit.methods.inference as inference
@@ -720,6 +721,19 @@ TABLE += [
         torch.rand(0, 8), torch.rand(3, 8), concept="red"), ValueError, r"concept 'red' has no positive images"),
     E(f"{EMB}.class_score_gradients", "layer out of range", lambda k, u: embedding.class_score_gradients(
         k.clip, k.pixels, "a star", 9), IndexError, r"index 9 is out of range"),
+
+    # -- architecture tools ----------------------------------------------------------------------------------------
+    E("tool:concept_bottleneck", "empty concept list", lambda k, u: architecture.concept_bottleneck(
+        k.clip, k.images, [0, 1], []), ValueError, r"concepts is empty"),
+    E("tool:concept_bottleneck", "labels of the wrong length", lambda k, u: architecture.concept_bottleneck(
+        k.clip, k.images, [0, 1, 1], TEXTS), ValueError, r"labels must give one class per image \(2\); got 3"),
+    E("tool:concept_bottleneck", "alpha outside [0, 1]", lambda k, u: architecture.concept_bottleneck(
+        k.clip, k.images, [0, 1], TEXTS, alpha=1.5), ValueError, r"alpha must be a number in \[0, 1\]; got 1.5"),
+    E("tool:concept_bottleneck", "negative lam", lambda k, u: architecture.concept_bottleneck(
+        k.clip, k.images, [0, 1], TEXTS, lam=-0.1), ValueError, r"lam must be a finite number >= 0; got -0.1"),
+    E("tool:concept_bottleneck", "a class without examples", lambda k, u: architecture.concept_bottleneck(
+        k.clip, k.images, [0, 1], TEXTS, ["circle", "square", "star"]), ValueError,
+      r"class 2 \('star'\) has no examples"),
 
     # -- neuron tools ----------------------------------------------------------------------------------------------
     E(f"{NEU}.clip_dissect", "unknown method", lambda k, u: neuron.clip_dissect(
