@@ -143,13 +143,15 @@ class StudyResult:
         return list(dict.fromkeys(row["config"] for row in self.rows))
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per configuration: ``seeds`` and, per metric, ``<metric>`` (mean) and ``<metric>_std``."""
+        """Per configuration: ``seeds`` and, per metric, ``<metric>`` (mean) and ``<metric>_std``.
+
+        A metric that rows lack (rows of an older study, before the metric existed) counts as NaN."""
         out = []
         for name in self.configs():
             rows = [r for r in self.rows if r["config"] == name]
             entry: dict[str, Any] = {"config": name, "seeds": len(rows)}
             for metric in METRICS:
-                values = [float(r[metric]) for r in rows if not math.isnan(float(r[metric]))]
+                values = [float(r[metric]) for r in rows if not math.isnan(float(r.get(metric, math.nan)))]
                 mean = sum(values) / len(values) if values else math.nan
                 spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
                 entry[metric], entry[f"{metric}_std"] = mean, (spread if values else math.nan)
