@@ -160,6 +160,35 @@ def finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def class_labels(labels: Any, count: int, classes: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``labels`` as (count,) long class indices in [0, classes) on ``device``: one per image of a
+    zero-shot task whose ``classes`` class texts they index. A ValueError (wrong length or range) or
+    TypeError (not integers) names the labels."""
+    tensor = torch.as_tensor(labels)
+    if tensor.dim() != 1 or len(tensor) != count:
+        raise ValueError(f"labels must be one integer per image ({count}); got shape {tuple(tensor.shape)}")
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"labels must be integers; got {tensor.dtype}")
+    if count and (tensor.min() < 0 or tensor.max() >= classes):
+        raise ValueError(f"labels must index the {classes} class texts, [0, {classes}); got values from {int(tensor.min())} to "
+                         f"{int(tensor.max())}")
+    return tensor.to(device if device is not None else tensor.device, torch.long)
+
+
+def refuse_active_dropout(module: torch.nn.Module, consequence: str, what: str = "model") -> None:
+    """A RuntimeError when ``module`` runs dropout (a dropout ``p``, open_clip's patch-dropout
+    ``prob`` or a Hugging Face attention ``dropout`` above 0 in a submodule in training mode).
+
+    mmelkit never switches a user's model to eval mode; a tool whose result dropout would make
+    random or inexact refuses instead, saying why (``consequence``)."""
+    for name, sub in module.named_modules():
+        for attribute in ("p", "prob", "dropout"):
+            value = getattr(sub, attribute, None)
+            if sub.training and isinstance(value, float) and value > 0:
+                raise RuntimeError(f"the {what} is in training mode with dropout active ({name or what}.{attribute}="
+                                   f"{value}): {consequence}; call model.model.eval() first")
+
+
 def feature_matrix(name: str, value: Any) -> torch.Tensor:
     """A non-empty, finite, floating-point (N, D) tensor (activations, features), or an error
     naming ``name``: TypeError for a non-tensor or an integer dtype, ValueError for the rest."""

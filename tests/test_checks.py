@@ -16,6 +16,7 @@ import torch
 from mmelkit import _checks
 from mmelkit._checks import (
     choice,
+    class_labels,
     did_you_mean,
     feature_matrix,
     finite,
@@ -29,6 +30,7 @@ from mmelkit._checks import (
     positive_number,
     probability,
     readable,
+    refuse_active_dropout,
     same_device,
 )
 
@@ -96,6 +98,30 @@ def test_probability() -> None:
     for bad in (-0.01, 1.01, math.nan, True, "0.5"):
         with pytest.raises(ValueError, match=r"beta must be a number in \[0, 1\]; got"):
             probability("beta", bad)
+
+
+def test_class_labels() -> None:
+    labels = class_labels([2, 0, 1], 3, 3)
+    assert labels.dtype == torch.long and labels.tolist() == [2, 0, 1]
+    assert class_labels(torch.tensor([1, 1], dtype=torch.int16), 2, 2, "cpu").dtype == torch.long
+    with pytest.raises(ValueError, match=r"one integer per image \(3\); got shape \(2,\)"):
+        class_labels([0, 1], 3, 3)
+    with pytest.raises(TypeError, match="labels must be integers; got torch.float32"):
+        class_labels(torch.zeros(3), 3, 3)
+    with pytest.raises(ValueError, match=r"index the 3 class texts, \[0, 3\); got values from -1 to 2"):
+        class_labels([-1, 2, 0], 3, 3)
+
+
+def test_refuse_active_dropout() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.0), torch.nn.Dropout(0.2))
+    model.eval()
+    refuse_active_dropout(model, "x")  # eval mode: dropout is off
+    model[2].train()
+    with pytest.raises(RuntimeError, match=r"the model is in training mode with dropout active \(2.p=0.2\): the map"):
+        refuse_active_dropout(model, "the map would be random")
+    model[2].p = 0.0
+    model.train()
+    refuse_active_dropout(model, "x")  # training mode without any dropout is fine
 
 
 def test_did_you_mean_and_choice() -> None:

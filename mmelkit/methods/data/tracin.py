@@ -73,7 +73,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mmelkit._checks import choice, did_you_mean, positive_int, positive_number
+from mmelkit._checks import choice, did_you_mean, positive_int, positive_number, refuse_active_dropout
 from mmelkit.methods.base import pair_inputs, register_tool
 from mmelkit.methods.data.attribution import TrainingBank
 from mmelkit.models.adapter import ClipAdapter, TextLike
@@ -162,18 +162,6 @@ class _Towers(nn.Module):
         if kind == "text":
             return self.backend.encode_tokens(inputs)
         return self.backend.logit_scale
-
-
-def _refuse_active_dropout(module: nn.Module) -> None:
-    """Dropout in training mode would make every gradient random (and vmap refuses random ops):
-    refuse, as the residual decomposition does; mmelkit leaves the mode to the user."""
-    for name, sub in module.named_modules():
-        for attribute in ("p", "prob", "dropout"):
-            value = getattr(sub, attribute, None)
-            if sub.training and isinstance(value, float) and value > 0:
-                raise RuntimeError(f"the model is in training mode with dropout active ({name or 'model'}."
-                                   f"{attribute}={value}): TracIn's gradients would be random; call "
-                                   "model.model.eval() first")
 
 
 @contextlib.contextmanager
@@ -508,7 +496,7 @@ def tracin(
     gallery = count if gallery is None else positive_int("gallery", gallery)
     if gallery > count:
         raise ValueError(f"gallery must lie in 1..{count} (the bank's size); got {gallery}")
-    _refuse_active_dropout(model.model)
+    refuse_active_dropout(model.model, "TracIn's gradients would be random")
     chosen, heads = _select_parameters(model, parameters)
     states = _checkpoint_states(model, checkpoints)
     query_pixels, query_tokens = pair_inputs(model, images, texts)

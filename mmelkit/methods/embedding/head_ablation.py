@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmelkit._checks import positive_int
+from mmelkit._checks import class_labels, positive_int
 from mmelkit.methods.base import register_tool
 from mmelkit.methods.embedding.residual_decomposition import ResidualDecomposition, decompose_image
 from mmelkit.models.adapter import ClipAdapter
@@ -84,18 +84,9 @@ def _check_inputs(
                          f"have {width}")
     if class_text_features.shape[0] < 1:
         raise ValueError("no class text features given")
-    labels_t = torch.as_tensor(labels, device=device)
-    if labels_t.dim() != 1 or len(labels_t) != len(decomposition):
-        raise ValueError(f"labels must be one integer per image ({len(decomposition)}); got shape "
-                         f"{tuple(labels_t.shape)}")
-    if labels_t.is_floating_point() or labels_t.dtype == torch.bool:
-        raise TypeError(f"labels must be integers; got {labels_t.dtype}")
-    classes = class_text_features.shape[0]
-    if len(labels_t) and (labels_t.min() < 0 or labels_t.max() >= classes):
-        raise ValueError(f"labels must lie in [0, {classes}); got values from {int(labels_t.min())} to "
-                         f"{int(labels_t.max())}")
+    labels_t = class_labels(labels, len(decomposition), class_text_features.shape[0], device)
     unit_classes = F.normalize(class_text_features.detach().to(device, torch.float32), dim=-1)
-    return unit_classes, labels_t.long()
+    return unit_classes, labels_t
 
 
 def _resolve_heads(ablate: Sequence[HeadIndex], layers: int, heads: int) -> list[HeadIndex]:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmelkit._checks import positive_int
+from mmelkit._checks import positive_int, refuse_active_dropout
 from mmelkit.methods.base import register_tool
 from mmelkit.models.adapter import ClipAdapter
 from mmelkit.models.tracing import BlockSelection, BlockTrace, resolve_blocks
@@ -248,15 +248,7 @@ def _image_tower_module(model: ClipAdapter) -> nn.Module:
 def _refuse_active_dropout(model: ClipAdapter) -> None:
     # Dropout makes the traced attention probabilities differ from the ones that were applied
     # (and patch dropout drops tokens), so the terms would not add up to the embedding.
-    tower = _image_tower_module(model)
-    if not tower.training:
-        return
-    for name, module in tower.named_modules():
-        for attribute in ("p", "prob", "dropout"):
-            value = getattr(module, attribute, None)
-            if isinstance(value, float) and value > 0 and module.training:
-                raise RuntimeError(f"the image tower is in training mode with dropout active ({name or 'tower'}."
-                                   f"{attribute}={value}); call model.model.eval() before decomposing")
+    refuse_active_dropout(_image_tower_module(model), "the terms would not add up to the embedding", "image tower")
 
 
 # -------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmelkit._checks import class_labels
 from mmelkit.methods.base import register_tool
 from mmelkit.models.activations import Activations, collect_activations
 from mmelkit.models.adapter import ClipAdapter
@@ -48,16 +49,6 @@ def lens_predictions(model: ClipAdapter, cls_tokens: torch.Tensor, class_feature
         return (F.normalize(embedded.float(), dim=-1) @ class_features.float().T).argmax(dim=-1)
 
 
-def _check_labels(labels: torch.Tensor | Sequence[int], count: int, classes: int) -> torch.Tensor:
-    labels_t = torch.as_tensor(labels)
-    if labels_t.shape != (count,) or labels_t.dtype.is_floating_point:
-        raise ValueError(f"labels must be {count} integer class indices; got shape {tuple(labels_t.shape)}")
-    if count and (labels_t.min() < 0 or labels_t.max() >= classes):
-        raise ValueError(f"labels must index the {classes} class texts; got values in "
-                         f"[{int(labels_t.min())}, {int(labels_t.max())}]")
-    return labels_t
-
-
 @register_tool("clip_logit_lens", level="model", granularity="layer", family="logit lens",
                reference="nostalgebraist 2020 (logit lens), for CLIP's image tower; SPEC §7")
 def clip_logit_lens(
@@ -82,7 +73,7 @@ def clip_logit_lens(
     if activations is None:
         activations = collect_activations(model, images, sites=["cls"], layers=layers, batch_size=batch_size,
                                           cache=cache, progress=progress)
-    labels_t = _check_labels(labels, len(activations), len(texts))
+    labels_t = class_labels(labels, len(activations), len(texts))
     with torch.no_grad():
         class_features = model.encode_text(texts)
     predictions = torch.stack([lens_predictions(model, activations["cls", layer], class_features)

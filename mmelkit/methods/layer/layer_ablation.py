@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmelkit._checks import choice, positive_int
+from mmelkit._checks import choice, class_labels, positive_int, refuse_active_dropout
 from mmelkit.methods.base import register_tool
 from mmelkit.models.adapter import ClipAdapter
 from mmelkit.models.tracing import BlockSelection, resolve_blocks
@@ -174,17 +174,6 @@ def _means_from(sums: dict[str, Any]) -> BranchMeans:
     return BranchMeans(stacked["attention"], stacked["mlp"], count)
 
 
-def _refuse_active_dropout(model: ClipAdapter) -> None:
-    # Dropout would make the mean pass and every ablated pass see different random models.
-    # Dropout modules carry ``p``, open_clip's patch dropout ``prob``, Hugging Face attention ``dropout``.
-    for name, module in model.model.named_modules():
-        for attribute in ("p", "prob", "dropout"):
-            value = getattr(module, attribute, None)
-            if module.training and isinstance(value, float) and value > 0:
-                raise RuntimeError(f"the model is in training mode with dropout active ({name or 'model'}.{attribute}="
-                                   f"{value}); call model.model.eval() before ablating")
-
-
 def _embed(model: ClipAdapter, pixels: torch.Tensor, batch_size: int, bar: Any) -> torch.Tensor:
     """Unit image embeddings (N, E) in float32, ``batch_size`` images per forward."""
     out = []
@@ -199,7 +188,7 @@ def branch_means(model: ClipAdapter, images: Any, *, batch_size: int = 64, progr
 
     ``images``: anything :meth:`ClipAdapter.as_pixels` takes (all of one size)."""
     batch_size = positive_int("batch_size", batch_size)
-    _refuse_active_dropout(model)
+    refuse_active_dropout(model.model, "the mean pass and every ablated pass would see different random models")
     pixels = model.as_pixels(images)
     with torch.no_grad(), tqdm(total=math.ceil(len(pixels) / batch_size), disable=not progress,
                                desc="branch means", unit="batch") as bar, _recording(model) as sums:
@@ -272,18 +261,6 @@ def mean_ablated(model: ClipAdapter, means: BranchMeans, ablate: Iterable[Branch
             handle.remove()
 
 
-def _check_labels(labels: torch.Tensor | Sequence[int], count: int, classes: int, device: torch.device) -> torch.Tensor:
-    labels_t = torch.as_tensor(labels)
-    if labels_t.dim() != 1 or len(labels_t) != count:
-        raise ValueError(f"labels must be one integer per image ({count}); got shape {tuple(labels_t.shape)}")
-    if labels_t.is_floating_point() or labels_t.is_complex() or labels_t.dtype == torch.bool:
-        raise TypeError(f"labels must be integers; got {labels_t.dtype}")
-    if labels_t.min() < 0 or labels_t.max() >= classes:
-        raise ValueError(f"labels must index the {classes} class texts; got values from {int(labels_t.min())} to "
-                         f"{int(labels_t.max())}")
-    return labels_t.to(device, torch.long)
-
-
 @register_tool("layer_ablation", level="model", granularity="layer", family="causal intervention",
                reference="mean-ablation (Wang et al., ICLR 2023; Gandelsman et al., ICLR 2024) of whole branches; "
                          "SPEC §5")
@@ -322,9 +299,9 @@ def layer_ablation(
     if isinstance(class_texts, str) or not list(class_texts):
         raise ValueError("class_texts must be a non-empty list of strings, one per class")
     texts = list(class_texts)
-    _refuse_active_dropout(model)
+    refuse_active_dropout(model.model, "the mean pass and every ablated pass would see different random models")
     pixels = model.as_pixels(images)
-    labels_t = _check_labels(labels, len(pixels), len(texts), pixels.device)
+    labels_t = class_labels(labels, len(pixels), len(texts), pixels.device)
     reference = None if reference_images is None else model.as_pixels(reference_images)
     if reference is not None and model.grid(reference) != model.grid(pixels):
         raise ValueError(f"reference_images give a {model.grid(reference)} patch grid and images "
