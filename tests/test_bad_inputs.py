@@ -769,6 +769,8 @@ TABLE += [
     E(f"{INF}.classify_by_description", "a class without descriptors", lambda k, u: inference.classify_by_description(
         k.clip, k.images, {"circle": ["is round"], "square": []}), ValueError,
       r"descriptions\['square'\] must be a non-empty list"),
+    E("tool:classify_by_description", "descriptions as a list", lambda k, u: inference.classify_by_description(
+        k.clip, k.images, ["is round"]), ValueError, r"descriptions must be a non-empty mapping"),
     E(f"{INF}.classify_by_description", "template without {desc}", lambda k, u: inference.classify_by_description(
         k.clip, k.images, {"circle": ["is round"]}, template="a {cls}"), ValueError, r"template must contain \{desc\}"),
     E(f"{INF}.classify_by_description", "NaN images", lambda k, u: inference.classify_by_description(

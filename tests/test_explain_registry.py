@@ -21,6 +21,7 @@ FOLDERS = {  # the package of each (level, granularity): the folder layout mirro
     ("model", "embedding"): ("embedding",),
     ("model", "neuron"): ("neuron",),
     ("data", "attribution"): ("data",),
+    ("inference", "rationale"): ("inference",),
 }
 VLM_EXPECTED = {"answer_attention", "answer_relevancy", "answer_gradient_x_input", "answer_integrated_gradients",
                 "answer_occlusion"}

@@ -22,7 +22,7 @@ from mmelkit.models.adapter import ClipAdapter, TextLike
 from mmelkit.models.backend import TextTokens
 
 Level = Literal["data", "model", "training", "inference"]
-Granularity = Literal["token", "embedding", "neuron", "layer", "architecture", "input", "attribution"]
+Granularity = Literal["token", "embedding", "neuron", "layer", "architecture", "input", "attribution", "rationale"]
 
 
 @dataclass

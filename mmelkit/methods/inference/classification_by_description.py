@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mmelkit._checks import positive_int
+from mmelkit.methods.base import register_tool
 from mmelkit.models.adapter import ClipAdapter
 
 __all__ = ["DescriptionScores", "classify_by_description"]
@@ -107,6 +108,9 @@ def _checked_descriptions(descriptions: Mapping[str, Sequence[str]], template: s
     return classes, descriptors
 
 
+@register_tool("classify_by_description", level="inference", granularity="rationale", family="texts as rationales",
+               reference="Menon & Vondrick, Visual Classification via Description from Large Language Models, "
+                         "ICLR 2023; SPEC §5")
 def classify_by_description(
     model: ClipAdapter,
     images: Any,
